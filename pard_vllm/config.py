@@ -1,0 +1,196 @@
+"""The ``pard`` speculative config: parsing, detection and up-front validation.
+
+Users write::
+
+    --speculative-config '{"method": "pard", "model": DRAFT, "num_speculative_tokens": 8}'
+
+``resolve_pard_config`` turns that into the keyword arguments of vLLM's own
+``SpeculativeConfig`` (method ``draft_model`` with parallel drafting, which is
+what vLLM's scheduler, KV-cache sizing and rejection sampler understand) plus
+our ``PardOptions``, which route the drafter to ``pard_vllm.proposer``.
+
+Everything that can be wrong with the input is checked here, before any engine
+starts, and reported as one ``PardConfigError`` line that says how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MIN_K, MAX_K = 1, 32
+#: Keys of the draft's config.json that hold the PARD mask token, in the order
+#: vLLM reads them.
+MASK_TOKEN_KEYS = ("pard_token", "mask_token_id", "ptd_token_id")
+
+#: vLLM SpeculativeConfig keys that make sense for a PARD draft and are passed
+#: through unchanged. Anything else is rejected rather than silently ignored.
+PASSTHROUGH_KEYS = frozenset({
+    "draft_tensor_parallel_size", "max_model_len", "enforce_eager",
+    "quantization", "revision", "code_revision", "attention_backend",
+    "kv_cache_dtype", "num_speculative_tokens_per_batch_size",
+    "draft_load_config", "rejection_sample_method",
+})
+
+
+class PardConfigError(ValueError):
+    """A one-line, user-facing problem with the ``pard`` speculative config."""
+
+
+class PardOptions(BaseModel):
+    """Our options; vLLM never sees these keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["pard"] = "pard"
+    model: str
+    num_speculative_tokens: int = Field(ge=MIN_K, le=MAX_K)
+    #: "greedy": argmax drafts (one-hot draft probabilities). "probabilistic":
+    #: drafts sampled from the draft distribution at the request's temperature,
+    #: their probabilities handed to the rejection sampler (still lossless).
+    draft_sampling: Literal["greedy", "probabilistic"] = "greedy"
+    #: Filled in during resolution.
+    mask_token_id: int | None = None
+
+
+def read_draft_config(model: str, revision: str | None = None) -> dict | None:
+    """The draft's config.json as a dict: a local folder, or the local HF cache
+    for a hub id (no network when HF_HUB_OFFLINE is set). None if unreadable."""
+    path = Path(os.path.expanduser(model))
+    if path.is_dir():
+        cfg = path / "config.json"
+        return json.loads(cfg.read_text()) if cfg.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(model, "config.json", revision=revision)).read_text())
+    except Exception:
+        return None
+
+
+def is_pard_draft(draft_config: dict | None) -> bool:
+    """A draft is PARD if its config says so (AMD's public drafts carry both)."""
+    if not draft_config:
+        return False
+    return draft_config.get("spd_type") == "pard" or "pard_token" in draft_config
+
+
+def mask_token_of(draft_config: dict) -> int | None:
+    for key in MASK_TOKEN_KEYS:
+        if isinstance(draft_config.get(key), int) and not isinstance(draft_config[key], bool):
+            return draft_config[key]
+    return None
+
+
+def _looks_like_local_path(model: str) -> bool:
+    """Hub ids are "org/name"; anything else with a slash (or ~, .) is a path."""
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        allowed = sorted(set(PardOptions.model_fields) - {"mask_token_id"} | PASSTHROUGH_KEYS)
+        return f"unknown key '{loc}' in the pard speculative config; allowed keys: {', '.join(allowed)}"
+    if loc == "num_speculative_tokens":
+        return (f"num_speculative_tokens must be an integer from {MIN_K} to {MAX_K} "
+                f"(got {first.get('input')!r}); 8 is a good default for PARD")
+    if loc == "model" and first["type"] == "missing":
+        return 'the pard speculative config needs "model": the path or hub id of a PARD draft'
+    return f"invalid '{loc}' in the pard speculative config: {first['msg']}"
+
+
+def wants_pard(spec: dict[str, Any]) -> bool:
+    """Explicit ``"method": "pard"``, or no method and a draft whose config.json
+    marks it as a PARD draft."""
+    method = spec.get("method")
+    if method == "pard":
+        return True
+    if method is None and isinstance(spec.get("model"), str):
+        return is_pard_draft(read_draft_config(spec["model"], spec.get("revision")))
+    return False
+
+
+def resolve_pard_config(spec: dict[str, Any]) -> tuple[dict[str, Any], PardOptions]:
+    """Split a user ``pard`` config into (vLLM SpeculativeConfig kwargs, PardOptions).
+
+    Raises PardConfigError with a one-line fix for every bad input we can see
+    before loading weights.
+    """
+    spec = {k.replace("-", "_"): v for k, v in spec.items()}
+    ours = {k: v for k, v in spec.items() if k not in PASSTHROUGH_KEYS}
+    ours["method"] = "pard"
+    if "parallel_drafting" in ours and ours.pop("parallel_drafting") is not True:
+        raise PardConfigError("PARD always drafts in parallel; drop 'parallel_drafting' from the config")
+    try:
+        opts = PardOptions(**ours)
+    except ValidationError as err:
+        raise PardConfigError(_format_validation_error(err)) from None
+
+    model = opts.model
+    local = Path(os.path.expanduser(model))
+    if not local.exists() and _looks_like_local_path(model):
+        raise PardConfigError(
+            f"draft model path '{model}' does not exist; pass an existing folder "
+            "(e.g. from `pard-vllm prepare --json`) or a hub id like 'amd/PARD-Llama-3.2-1B'")
+    if local.exists() and not (local / "config.json").is_file():
+        raise PardConfigError(f"'{model}' has no config.json; point \"model\" at a Hugging Face model folder")
+    draft_cfg = read_draft_config(model, spec.get("revision"))
+    if draft_cfg is not None:
+        if draft_cfg.get("spd_type") == "pard2":
+            raise PardConfigError(
+                f"'{model}' is a PARD-2 draft (spd_type 'pard2'), which pard-vllm does not serve yet; "
+                "use a PARD-1 draft (spd_type 'pard')")
+        mask = mask_token_of(draft_cfg)
+        if mask is None:
+            raise PardConfigError(
+                f"draft '{model}' has no PARD mask token; add \"pard_token\": ID (an id its tokenizer "
+                "never emits, e.g. a reserved special token) to its config.json, or build one with `pard-vllm train`")
+        vocab = draft_cfg.get("vocab_size")
+        if isinstance(vocab, int) and not 0 <= mask < vocab:
+            raise PardConfigError(f"pard_token {mask} of '{model}' is outside its vocabulary (size {vocab}); fix config.json")
+        opts = opts.model_copy(update={"mask_token_id": mask})
+    else:
+        raise PardConfigError(
+            f"cannot read config.json of draft '{model}' (not a local folder, not in the Hugging Face "
+            f"cache); download it first (`hf download {model}`) or pass a local folder")
+
+    vllm_kwargs = {k: v for k, v in spec.items() if k in PASSTHROUGH_KEYS}
+    vllm_kwargs.update(
+        method="draft_model",
+        model=model,
+        num_speculative_tokens=opts.num_speculative_tokens,
+        parallel_drafting=True,
+        draft_sample_method=opts.draft_sampling,
+    )
+    return vllm_kwargs, opts
+
+
+def check_same_vocabulary(target_model_config, draft_model_config, draft: str) -> None:
+    """PARD needs target and draft to share one tokenizer (drafts are token ids
+    the target verifies as is). Compare sizes, then the token -> id maps."""
+    t_size = target_model_config.get_vocab_size()
+    d_size = draft_model_config.get_vocab_size()
+    if t_size != d_size:
+        raise PardConfigError(
+            f"draft '{draft}' has vocabulary size {d_size} but the target has {t_size}; "
+            "use a draft from the same model family (same tokenizer)")
+    from vllm.tokenizers.registry import get_tokenizer
+
+    try:
+        t_vocab = get_tokenizer(target_model_config.tokenizer,
+                                trust_remote_code=target_model_config.trust_remote_code).get_vocab()
+        d_vocab = get_tokenizer(draft_model_config.tokenizer,
+                                trust_remote_code=draft_model_config.trust_remote_code).get_vocab()
+    except Exception:  # a tokenizer we cannot load here is vLLM's to report
+        return
+    if t_vocab != d_vocab:
+        differing = sum(1 for tok, i in d_vocab.items() if t_vocab.get(tok) != i)
+        raise PardConfigError(
+            f"draft '{draft}' uses a different tokenizer than the target ({differing} tokens map to "
+            "other ids); use a draft trained for the target's tokenizer")
