@@ -3,6 +3,8 @@
     pard-vllm prepare [--json] [--force]   build SmolLM2 + its PARD draft (cached)
     pard-vllm serve [-k 8] [VLLM ARGS...]  `vllm serve` with those defaults
     pard-vllm demo                         serve, ask, compare with plain decoding
+    pard-vllm distill --target T --prompts FILE --out DATA   target answers as training data
+    pard-vllm train --draft HF_DIR --data DATA --out DIR     train a PARD draft
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     engine_opts(d)
     d.add_argument("--max-tokens", type=int, default=128)
 
+    from pard_vllm.training.cli import add_training_commands
+
+    add_training_commands(sub)
+
     args, extra = parser.parse_known_args(argv)
     if extra and args.cmd != "serve":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -77,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         return _prepare(args)
     if args.cmd == "serve":
         return _serve(args, extra)
+    if args.cmd in ("distill", "train"):
+        return args.run(args)
     return _demo(args)
 
 

@@ -53,8 +53,9 @@ class PardOptions(BaseModel):
     #: drafts sampled from the draft distribution at the request's temperature,
     #: their probabilities handed to the rejection sampler (still lossless).
     draft_sampling: Literal["greedy", "probabilistic"] = "greedy"
-    #: Filled in during resolution.
+    #: Filled in during resolution, from the draft's config.json.
     mask_token_id: int | None = None
+    draft_vocab_size: int | None = None
 
 
 def read_draft_config(model: str, revision: str | None = None) -> dict | None:
@@ -154,7 +155,8 @@ def resolve_pard_config(spec: dict[str, Any]) -> tuple[dict[str, Any], PardOptio
         vocab = draft_cfg.get("vocab_size")
         if isinstance(vocab, int) and not 0 <= mask < vocab:
             raise PardConfigError(f"pard_token {mask} of '{model}' is outside its vocabulary (size {vocab}); fix config.json")
-        opts = opts.model_copy(update={"mask_token_id": mask})
+        opts = opts.model_copy(update={"mask_token_id": mask,
+                                       "draft_vocab_size": vocab if isinstance(vocab, int) else None})
     else:
         raise PardConfigError(
             f"cannot read config.json of draft '{model}' (not a local folder, not in the Hugging Face "
@@ -171,21 +173,23 @@ def resolve_pard_config(spec: dict[str, Any]) -> tuple[dict[str, Any], PardOptio
     return vllm_kwargs, opts
 
 
-def check_same_vocabulary(target_model_config, draft_model_config, draft: str) -> None:
-    """PARD needs target and draft to share one tokenizer (drafts are token ids
-    the target verifies as is). Compare sizes, then the token -> id maps."""
-    t_size = target_model_config.get_vocab_size()
-    d_size = draft_model_config.get_vocab_size()
-    if t_size != d_size:
+def check_vocab_size(target_vocab_size: int, options: PardOptions) -> None:
+    """Drafts are token ids the target verifies as is: sizes must agree."""
+    if options.draft_vocab_size is not None and options.draft_vocab_size != target_vocab_size:
         raise PardConfigError(
-            f"draft '{draft}' has vocabulary size {d_size} but the target has {t_size}; "
-            "use a draft from the same model family (same tokenizer)")
+            f"draft '{options.model}' has vocabulary size {options.draft_vocab_size} but the target "
+            f"has {target_vocab_size}; use a draft from the same model family (same tokenizer)")
+
+
+def check_same_vocabulary(target_model_config, draft_model_config, draft: str) -> None:
+    """Same size is not enough: the token -> id maps must be identical too."""
     from vllm.tokenizers.registry import get_tokenizer
 
     try:
         t_vocab = get_tokenizer(target_model_config.tokenizer,
                                 trust_remote_code=target_model_config.trust_remote_code).get_vocab()
-        d_vocab = get_tokenizer(draft_model_config.tokenizer,
+        # The draft's own tokenizer files: vLLM hands the draft the target's.
+        d_vocab = get_tokenizer(draft, revision=draft_model_config.revision,
                                 trust_remote_code=draft_model_config.trust_remote_code).get_vocab()
     except Exception:  # a tokenizer we cannot load here is vLLM's to report
         return

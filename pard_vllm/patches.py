@@ -53,7 +53,7 @@ class SpeculativeConfigPatch:
             @functools.wraps(original)
             def create_speculative_config(self, target_model_config, target_parallel_config):
                 from pard_vllm.config import (PardConfigError, check_same_vocabulary,
-                                              resolve_pard_config, wants_pard)
+                                              check_vocab_size, resolve_pard_config, wants_pard)
 
                 spec = dict(self.speculative_config or {})
                 if self.spec_method is not None and "method" not in spec:
@@ -65,6 +65,7 @@ class SpeculativeConfigPatch:
                 if not spec or not wants_pard(spec):
                     return original(self, target_model_config, target_parallel_config)
                 vllm_kwargs, options = resolve_pard_config(spec)
+                check_vocab_size(target_model_config.get_vocab_size(), options)
                 self.speculative_config = vllm_kwargs
                 self.spec_method = self.spec_model = self.spec_tokens = None
                 try:

@@ -1,0 +1,50 @@
+"""Shared fixtures: the embedded default models, built once per machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Engines on a 2-core CPU: keep vLLM's log noise and thread fights down.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ENGINE_KW = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3,
+                 max_model_len=1024, seed=0)
+
+
+@pytest.fixture(scope="session")
+def embedded() -> dict[str, str]:
+    from pard_vllm.prepare import prepare
+
+    return prepare()
+
+
+def draft_variant(src: str, dest: Path, drop=(), **changes) -> str:
+    """A copy of a draft folder (weights symlinked) with config.json edited."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in Path(src).iterdir():
+        if item.name != "config.json":
+            (dest / item.name).symlink_to(item)
+    cfg = json.loads((Path(src) / "config.json").read_text())
+    for key in drop:
+        cfg.pop(key, None)
+    cfg.update(changes)
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return str(dest)
+
+
+def shutdown(llm) -> None:
+    """Stop an LLM's engine-core process now rather than at interpreter exit."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+    del llm
+    import gc
+
+    gc.collect()
