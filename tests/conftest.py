@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ENGINE_KW = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3,
+ENGINE_KW = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.15,
                  max_model_len=1024, seed=0)
 
 

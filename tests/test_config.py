@@ -167,5 +167,5 @@ def test_plugin_refuses_unsupported_vllm():
     _check_vllm_version("0.32.0")
     _check_vllm_version("0.33.1+cu129")
     for bad in ("0.31.9", "0.34.0", "1.0.0"):
-        with pytest.raises(RuntimeError, match="supports vLLM >=0.32,<0.34"):
+        with pytest.raises(PardConfigError, match="supports vLLM >=0.32,<0.34"):
             _check_vllm_version(bad)
