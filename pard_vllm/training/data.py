@@ -64,18 +64,28 @@ def check_mask_token(docs: list[Doc], mask_token: int) -> None:
 
 
 def pack_rows(lengths: list[int], seq_len: int, seed: int, epoch: int) -> list[list[int]]:
-    """Greedy packing of shuffled documents into rows of <= seq_len real tokens."""
+    """First-fit packing of shuffled documents into rows of <= seq_len real tokens.
+
+    First-fit (each document goes to the first open row with room) instead of closing a
+    row at the first document that does not fit: with ~250-token documents in 512-token
+    rows the simple greedy left ~30% of every row as padding, which still costs compute.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    rows, cur, used = [], [], 0
+    rng.shuffle(order)
+    rows: list[list[int]] = []
+    free: list[int] = []
     for i in order:
-        if cur and used + lengths[i] > seq_len:
-            rows.append(cur)
-            cur, used = [], 0
-        cur.append(i)
-        used += lengths[i]
-    if cur:
-        rows.append(cur)
+        n = min(lengths[i], seq_len)
+        for r, room in enumerate(free):
+            if room >= n:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(seq_len - n)
+    rng.shuffle(rows)
     return rows
 
 

@@ -170,7 +170,10 @@ def train(cfg: TrainConfig) -> dict:
     with_topk = cfg.loss in ("kd", "ce+kd")
     cod_r = cfg.cod_r if cfg.cod_r and cfg.cod_r > 0 else None
     batches_per_epoch = len(D.epoch_batches(docs, cfg.seq_len, cfg.batch_size, cfg.seed, 0)) // world
-    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
+    if batches_per_epoch < cfg.grad_accum:
+        raise SystemExit(f"error: {len(docs)} documents make {batches_per_epoch} batches per rank, fewer than "
+                         f"--grad-accum {cfg.grad_accum}; lower --batch-size/--grad-accum or add data")
+    steps_per_epoch = batches_per_epoch // cfg.grad_accum
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
 
     step_mod = _Step(model, cfg)
