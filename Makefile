@@ -37,6 +37,9 @@ serve: setup
 test: setup
 	$(PY) -m pytest tests -q
 
+bench: setup
+	$(PY) benchmarks/spec_bench.py --preset quick --out benchmarks/results/quick
+
 test-fast: setup
 	$(PY) -m pytest tests -q -m "not slow"
 

@@ -1,0 +1,110 @@
+"""What every spec_bench mode shares: the methods' speculative configs, the
+machine description stamped on each record, and counter arithmetic.
+
+Why one place for the configs: the offline and online modes must run exactly the
+same methods, and a record has to carry the exact config it measured so a number
+can always be traced back to what produced it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import os
+import platform
+
+METHODS = ("ar", "vsd", "vllm_parallel", "pard", "ngram", "suffix")
+
+SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
+                 "vllm:spec_decode_num_accepted_tokens")
+PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
+
+
+def method_spec(method: str, draft: str, k: int) -> dict | None:
+    """The ``speculative_config`` of a method (None: plain autoregressive decoding)."""
+    if method == "ar":
+        return None
+    if method == "vsd":  # the same draft, K autoregressive draft forwards
+        return {"method": "draft_model", "model": draft, "num_speculative_tokens": k}
+    if method == "vllm_parallel":  # vLLM's own parallel drafting with the same draft
+        return {"method": "draft_model", "model": draft, "num_speculative_tokens": k,
+                "parallel_drafting": True}
+    if method == "pard":
+        return {"method": "pard", "model": draft, "num_speculative_tokens": k}
+    if method == "ngram":
+        return {"method": "ngram", "num_speculative_tokens": k,
+                "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+    if method == "suffix":
+        return {"method": "suffix", "num_speculative_tokens": k}
+    raise SystemExit(f"error: unknown method '{method}'; choose from {', '.join(METHODS)}")
+
+
+def unsupported_reason(method: str) -> str | None:
+    """Why a method cannot run here (None: it can). vLLM's suffix decoding lives
+    in the arctic-inference package; without it vLLM refuses the config."""
+    if method == "suffix" and importlib.util.find_spec("arctic_inference") is None:
+        return ("vLLM's suffix decoding needs the arctic-inference package, which is not "
+                "installed in this environment")
+    return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """Versions and machine, stamped on every record."""
+    import torch
+    import vllm
+
+    return {
+        "vllm_version": vllm.__version__,
+        "torch_version": torch.__version__,
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def spec_delta(before: dict, after: dict) -> dict:
+    """Acceptance statistics between two counter snapshots.
+
+    Why deltas: vLLM's counters are cumulative over the engine's life, and one
+    engine serves many cells (plus a warm-up), so each cell reads its own share.
+    tau counts the bonus token: 1 + accepted / drafts.
+    """
+    d = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in SPEC_COUNTERS}
+    drafts = d["vllm:spec_decode_num_drafts"]
+    pos_b, pos_a = before.get(PER_POS, []), after.get(PER_POS, [])
+    per_pos = [a - (pos_b[i] if i < len(pos_b) else 0.0) for i, a in enumerate(pos_a)]
+    if not drafts:
+        return {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0, "tau": None,
+                "draft_acceptance_rate": None, "acceptance_per_position": None}
+    return {
+        "num_drafts": int(drafts),
+        "num_draft_tokens": int(d["vllm:spec_decode_num_draft_tokens"]),
+        "num_accepted_tokens": int(d["vllm:spec_decode_num_accepted_tokens"]),
+        "tau": 1 + d["vllm:spec_decode_num_accepted_tokens"] / drafts,
+        "draft_acceptance_rate": (d["vllm:spec_decode_num_accepted_tokens"]
+                                  / max(d["vllm:spec_decode_num_draft_tokens"], 1)),
+        "acceptance_per_position": [p / drafts for p in per_pos],
+    }
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0..100) without numpy's import cost."""
+    if not values:
+        return None
+    s = sorted(values)
+    x = (len(s) - 1) * q / 100
+    lo = int(x)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (x - lo)
