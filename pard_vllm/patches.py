@@ -162,7 +162,56 @@ class SpeculativeConfigArgPatch:
         EngineArgs.add_cli_args = wrapped
 
 
-ALL_PATCHES = (SpeculativeConfigPatch, DrafterPatch, SpeculativeConfigArgPatch)
+class CpuExpandBatchToTokensPatch:
+    """Wraps ``vllm.v1.sample.rejection_sampler.expand_batch_to_tokens``.
+
+    Why: a correctness bug in vLLM 0.32's CPU build. Without a Triton CPU
+    backend, vLLM swaps the Triton ``expand_kernel`` for a C++ fallback
+    (``vllm.utils.cpu_triton_utils._expand_kernel_impl``) that only handles
+    int64: it converts ``output`` and ``input`` with ``.to(torch.int64)``,
+    which for any other dtype makes *copies*, so float inputs are truncated and
+    the result is written into a temporary that is thrown away. The caller's
+    output (``x.new_empty(num_tokens)``) stays uninitialised memory.
+    ``apply_sampling_constraints`` uses this to spread each request's
+    temperature (float32), top_p (float32) and top_k (int32) over its draft
+    positions, so at temperature > 0 the rejection sampler divides the target
+    logits by garbage and masks with garbage top-p/top-k: sampled output is
+    corrupted for every draft-model method (vLLM's ``draft_model``, parallel
+    drafting, PARD), while greedy requests, which skip this path, are exact.
+
+    Fix: for non-int64 CPU tensors, let the original expand the int64 request
+    indices (the dtype its fallback does handle), gather ``x`` with them and
+    apply the ``replace_from -> replace_to`` substitution the kernel would.
+    int64 tensors and non-CPU devices go straight to the original.
+    ``apply_sampling_constraints`` looks the name up as a module global on each
+    call, so this works whenever vLLM registers its CPU kernel overrides.
+    """
+
+    @staticmethod
+    def apply() -> None:
+        import torch
+        from vllm.v1.sample import rejection_sampler
+
+        def make(original):
+            @functools.wraps(original)
+            def expand_batch_to_tokens(x, cu_num_tokens, num_tokens, replace_from=0, replace_to=0):
+                if x.device.type != "cpu" or x.dtype == torch.int64:
+                    return original(x, cu_num_tokens, num_tokens, replace_from, replace_to)
+                request_ids = torch.arange(x.shape[0], dtype=torch.int64, device=x.device)
+                token_to_request = original(request_ids, cu_num_tokens, num_tokens)
+                expanded = x[token_to_request]
+                if replace_from != replace_to:
+                    expanded = torch.where(expanded == replace_from,
+                                           torch.tensor(replace_to, dtype=x.dtype), expanded)
+                return expanded
+
+            return expand_batch_to_tokens
+
+        _wrap_once(rejection_sampler, "expand_batch_to_tokens", make)
+
+
+ALL_PATCHES = (SpeculativeConfigPatch, DrafterPatch, SpeculativeConfigArgPatch,
+               CpuExpandBatchToTokensPatch)
 
 
 def apply() -> None:

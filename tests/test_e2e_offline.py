@@ -77,3 +77,25 @@ def test_bf16_divergences_are_near_ties(embedded, record_property):
     print(f"\nbf16: {same}/{len(plain)} identical; top-2 logprob gaps at divergence: "
           f"{[round(g, 3) for g in gaps]}")
     assert all(g < 0.25 for g in gaps), gaps
+
+
+def test_sampled_drafts_run_and_stay_greedy_exact(embedded, fp32_runs):
+    """draft_sampling="probabilistic": at temperature > 0 drafts are sampled and
+    their probabilities go to the rejection sampler; greedy requests in the same
+    engine still match plain decoding exactly. (vLLM's draft sampling ignores
+    per-request seeds, so seeded reproducibility is not asserted here.)"""
+    plain, _, _ = fp32_runs
+    llm = LLM(embedded["target"], disable_log_stats=False, speculative_config={
+        "method": "pard", "model": embedded["draft"], "num_speculative_tokens": 4,
+        "draft_sampling": "probabilistic"}, **ENGINE_KW)
+    try:
+        greedy = chat(llm, TEST_PROMPTS[:4], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+        assert [o.outputs[0].token_ids for o in greedy] == [o.token_ids for o in plain[:4]]
+        sampled = chat(llm, TEST_PROMPTS[:4], SamplingParams(temperature=0.8, top_p=0.95,
+                                                             max_tokens=32))
+        assert all(len(o.outputs[0].token_ids) > 0 for o in sampled)
+        # The distribution itself is checked in tests/test_sampling_lossless.py.
+        metrics = {m.name: m for m in llm.get_metrics()}
+        assert metrics["vllm:spec_decode_num_drafts"].value > 0
+    finally:
+        shutdown(llm)
