@@ -15,9 +15,9 @@ engine-core processes would fight for the cores and both numbers would be wrong.
 
 from __future__ import annotations
 
-import gc
 import time
 
+from pard_vllm.server import shutdown_engine
 from specbench_common import PER_POS, SPEC_COUNTERS, spec_delta
 
 WARMUP_PROMPT = "Say hello in one short sentence."
@@ -44,13 +44,7 @@ def make_engine(target: str, spec: dict | None, args):
                max_model_len=args.max_model_len, max_num_seqs=max(args.batch_sizes), seed=0)
 
 
-def free_engine(llm) -> None:
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
-    del llm
-    gc.collect()
+free_engine = shutdown_engine
 
 
 def _params(temperature: float, max_tokens: int, n: int, offset: int):

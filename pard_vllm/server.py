@@ -110,3 +110,15 @@ def spec_decode_stats(metrics: dict[str, float]) -> dict[str, float]:
         "num_accepted_tokens": accepted,
         "mean_acceptance_length": 1 + accepted / drafts if drafts else float("nan"),
     }
+
+
+def shutdown_engine(llm) -> None:
+    """Stop an offline ``LLM``'s engine-core process now, not at interpreter
+    exit, so the next engine does not share the CPU or memory with it."""
+    import contextlib
+    import gc
+
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()

@@ -38,13 +38,4 @@ def draft_variant(src: str, dest: Path, drop=(), **changes) -> str:
     return str(dest)
 
 
-def shutdown(llm) -> None:
-    """Stop an LLM's engine-core process now rather than at interpreter exit."""
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
-    del llm
-    import gc
-
-    gc.collect()
+from pard_vllm.server import shutdown_engine as shutdown  # noqa: E402,F401

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pard_vllm.server import shutdown_engine
+
 LOCK = Path(tempfile.gettempdir()) / "pard-vllm-engine.lock"
 
 
@@ -69,8 +71,7 @@ def measure_tau(target: str, draft: str, prompts: list[str], k: int = 8, max_tok
             seconds = time.perf_counter() - start
             c = spec_counters(llm)
         finally:
-            with contextlib.suppress(Exception):
-                llm.llm_engine.engine_core.shutdown()
+            shutdown_engine(llm)
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     tau = 1 + c["accepted"] / c["drafts"] if c["drafts"] else float("nan")
     per_pos = [a / c["drafts"] for a in c["per_pos"]] if c["drafts"] else []
