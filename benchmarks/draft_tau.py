@@ -29,7 +29,7 @@ import specbench_data  # noqa: E402
 from specbench_common import environment, spec_delta  # noqa: E402
 from specbench_offline import counters  # noqa: E402
 
-from pard_vllm.server import shutdown_engine  # noqa: E402
+from pard_vllm.server import kv_cache_kwargs, shutdown_engine  # noqa: E402
 
 
 def servable_draft(draft: str, target: str, tmp: str) -> str:
@@ -51,8 +51,8 @@ def run_k(target: str, draft: str, k: int, data: dict[str, list[str]], args) -> 
 
     spec = {"method": "pard", "model": draft, "num_speculative_tokens": k}
     llm = LLM(target, speculative_config=spec, dtype="float32", enforce_eager=True,
-              gpu_memory_utilization=0.15, max_model_len=args.max_model_len, seed=0,
-              disable_log_stats=False)
+              max_model_len=args.max_model_len, seed=0, disable_log_stats=False,
+              **kv_cache_kwargs())
     rows = []
     try:
         params = SamplingParams(temperature=0, max_tokens=args.max_tokens)

@@ -257,9 +257,7 @@ def check_load(server: VllmServer, model: str, specs: list[RequestSpec], referen
     if drafts:
         s.mean_acceptance_length = 1 + (stats["num_accepted_tokens"] - before["num_accepted_tokens"]) / drafts
 
-    by_index = {s_.index: s_ for s_ in specs}
     for r in results:
-        spec = by_index[r.index]
         if r.error:
             s.errors += 1
             s.failures.append(f"request {r.index}: {r.error}")
@@ -330,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 
         built = prepare()
         args.target, args.draft = args.target or built["target"], args.draft or built["draft"]
-    extra = ["--max-model-len", "1024", "--gpu-memory-utilization", "0.15", *args.extra]
+    extra = ["--max-model-len", "1024", *args.extra]
     specs = plan(args.requests, args.abort_fraction)
 
     with start_server(args.target, None, args.k, extra) as plain:

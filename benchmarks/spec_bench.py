@@ -10,7 +10,8 @@ minutes earlier on the same machine, never against a number from elsewhere.
         --batch-sizes 1,4 --temperatures 0 --num-prompts 8 --max-tokens 128 --out DIR
     .venv/bin/python benchmarks/spec_bench.py --preset quick --online --out DIR
 
-Methods: ar, vsd (vLLM draft_model: the draft drafts autoregressively), vllm_parallel
+Methods (``NAME@K`` runs one at its own K, e.g. ``vllm_parallel@2``): ar, vsd
+(vLLM draft_model: the draft drafts autoregressively), vllm_parallel
 (vLLM's native parallel drafting with the same draft), pard (this plugin), ngram
 (prompt lookup), suffix (only where arctic-inference is installed). Datasets:
 humaneval, gsm8k, mtbench (first turns), plus ``--prompts-file`` JSONL. Explicit
@@ -41,7 +42,7 @@ from specbench_common import METHODS, environment, method_spec, unsupported_reas
 
 #: quick: the 15-minute smoke run on a 2-core CPU; full: the published matrix.
 PRESETS = {
-    "quick": dict(methods="ar,vsd,vllm_parallel,pard", datasets="humaneval", batch_sizes="1,4",
+    "quick": dict(methods="ar,vsd,vllm_parallel,pard,pard_adaptive", datasets="humaneval", batch_sizes="1,4",
                   temperatures="0", num_prompts=8, max_tokens=64),
     "full": dict(methods=",".join(METHODS), datasets="humaneval,gsm8k,mtbench",
                  batch_sizes="1,4,16", temperatures="0,0.7", num_prompts=32, max_tokens=256),
@@ -91,7 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def resolve_models(args) -> None:
     if args.target and args.draft:
         return
-    needs_draft = any(m in ("vsd", "vllm_parallel", "pard") for m in args.methods)
+    needs_draft = any(m.partition("@")[0] in ("vsd", "vllm_parallel", "pard", "pard_adaptive",
+                                              "pard_confidence") for m in args.methods)
     if args.target is None or (args.draft is None and needs_draft):
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from pard_vllm.prepare import prepare

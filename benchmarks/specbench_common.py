@@ -13,15 +13,26 @@ import importlib.util
 import os
 import platform
 
-METHODS = ("ar", "vsd", "vllm_parallel", "pard", "ngram", "suffix")
+METHODS = ("ar", "vsd", "vllm_parallel", "pard", "pard_adaptive", "pard_confidence", "ngram", "suffix")
 
 SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
                  "vllm:spec_decode_num_accepted_tokens")
 PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
 
 
+def split_method(method: str, k: int) -> tuple[str, int]:
+    """``"vllm_parallel@2"`` -> ("vllm_parallel", 2): a method at its own K, so
+    one run can compare fixed-K baselines at several K (the best fixed K)."""
+    name, _, own_k = method.partition("@")
+    if own_k and not (own_k.isdigit() and int(own_k) >= 1):
+        raise SystemExit(f"error: '{method}': the K after '@' must be a positive integer, e.g. {name}@4")
+    return name, int(own_k) if own_k else k
+
+
 def method_spec(method: str, draft: str, k: int) -> dict | None:
-    """The ``speculative_config`` of a method (None: plain autoregressive decoding)."""
+    """The ``speculative_config`` of a method (None: plain autoregressive
+    decoding). ``method`` may carry its own K: ``pard@4``."""
+    method, k = split_method(method, k)
     if method == "ar":
         return None
     if method == "vsd":  # the same draft, K autoregressive draft forwards
@@ -31,6 +42,11 @@ def method_spec(method: str, draft: str, k: int) -> dict | None:
                 "parallel_drafting": True}
     if method == "pard":
         return {"method": "pard", "model": draft, "num_speculative_tokens": k}
+    if method == "pard_adaptive":  # K chosen per step by measured goodput (pard_vllm.adaptive)
+        return {"method": "pard", "model": draft, "num_speculative_tokens": k, "adaptive": "goodput"}
+    if method == "pard_confidence":  # ... and each request's draft cut by the draft's confidence
+        return {"method": "pard", "model": draft, "num_speculative_tokens": k, "adaptive": "goodput",
+                "confidence_threshold": 0.1}
     if method == "ngram":
         return {"method": "ngram", "num_speculative_tokens": k,
                 "prompt_lookup_max": 4, "prompt_lookup_min": 2}
@@ -42,6 +58,7 @@ def method_spec(method: str, draft: str, k: int) -> dict | None:
 def unsupported_reason(method: str) -> str | None:
     """Why a method cannot run here (None: it can). vLLM's suffix decoding lives
     in the arctic-inference package; without it vLLM refuses the config."""
+    method = method.partition("@")[0]
     if method == "suffix" and importlib.util.find_spec("arctic_inference") is None:
         return ("vLLM's suffix decoding needs the arctic-inference package, which is not "
                 "installed in this environment")

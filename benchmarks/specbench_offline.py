@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 
-from pard_vllm.server import shutdown_engine
+from pard_vllm.server import kv_cache_kwargs, shutdown_engine
 from specbench_common import PER_POS, SPEC_COUNTERS, spec_delta
 
 WARMUP_PROMPT = "Say hello in one short sentence."
@@ -40,8 +40,7 @@ def make_engine(target: str, spec: dict | None, args):
     from vllm import LLM
 
     return LLM(target, speculative_config=spec, disable_log_stats=False, dtype=args.dtype,
-               enforce_eager=not args.compile, gpu_memory_utilization=0.3,
-               max_model_len=args.max_model_len, max_num_seqs=max(args.batch_sizes), seed=0)
+               enforce_eager=not args.compile, **kv_cache_kwargs(), max_model_len=args.max_model_len, max_num_seqs=max(args.batch_sizes), seed=0)
 
 
 free_engine = shutdown_engine

@@ -13,9 +13,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-METHOD_ORDER = ("ar", "vsd", "vllm_parallel", "pard", "ngram", "suffix")
-#: One colour per method in every plot, so the two figures read together.
+METHOD_ORDER = ("ar", "vsd", "vllm_parallel", "pard", "pard_adaptive", "pard_confidence", "ngram", "suffix")
+#: One colour per method in every plot, so the two figures read together
+#: (a method at its own K, ``name@K``, gets matplotlib's next free colour).
 COLORS = {"ar": "tab:gray", "vsd": "tab:orange", "vllm_parallel": "tab:green", "pard": "tab:red",
+          "pard_adaptive": "tab:blue", "pard_confidence": "tab:cyan",
           "ngram": "tab:purple", "suffix": "tab:brown"}
 
 
@@ -23,8 +25,14 @@ def _f(x, fmt="{:.2f}", none="-"):
     return none if x is None else fmt.format(x)
 
 
+def method_rank(method: str) -> tuple[int, str]:
+    """Table/legend order: the methods' fixed order, ``name@K`` variants after their name."""
+    name = method.partition("@")[0]
+    return (METHOD_ORDER.index(name) if name in METHOD_ORDER else 99, method)
+
+
 def _order(r):
-    m = METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else 99
+    m = method_rank(r["method"])
     return (r["dataset"], r["temperature"], r.get("batch_size", r.get("concurrency", 0)), m)
 
 
@@ -89,8 +97,7 @@ def plot_speedup(records, path: Path, xkey: str) -> None:
         for r in ok:
             if r["dataset"] == ds:
                 series[(r["method"], r["temperature"])].append((r[xkey], r["speedup_vs_ar"]))
-        for (m, t), pts in sorted(series.items(), key=lambda kv: (METHOD_ORDER.index(kv[0][0])
-                                                                  if kv[0][0] in METHOD_ORDER else 99,
+        for (m, t), pts in sorted(series.items(), key=lambda kv: (method_rank(kv[0][0]),
                                                                   kv[0][1])):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=COLORS.get(m),
@@ -118,7 +125,7 @@ def plot_per_position(pos: dict[str, list[float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.4, 3.0), dpi=80)
-    for m in sorted(pos, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99):
+    for m in sorted(pos, key=method_rank):
         ax.plot(range(1, len(pos[m]) + 1), pos[m], marker="o", color=COLORS.get(m), label=m,
                 alpha=0.8)
     ax.set_xlabel("draft position", fontsize=8)
@@ -157,8 +164,7 @@ def write_report(out: Path, run: dict, records: list[dict]) -> None:
         md += ["| method | " + " | ".join(str(i + 1) for i in range(k)) + " |",
                "|---|" + "---|" * k]
         md += [f"| {m} | " + " | ".join(f"{p:.3f}" for p in v) + " |"
-               for m, v in sorted(pos.items(), key=lambda kv: METHOD_ORDER.index(kv[0])
-                                  if kv[0] in METHOD_ORDER else 99)]
+               for m, v in sorted(pos.items(), key=lambda kv: method_rank(kv[0]))]
     else:
         md.append("(no speculative method ran)")
     skipped = {r["method"]: r["reason"] for r in records if r.get("status") != "ok"}

@@ -53,6 +53,16 @@ class PardOptions(BaseModel):
     #: drafts sampled from the draft distribution at the request's temperature,
     #: their probabilities handed to the rejection sampler (still lossless).
     draft_sampling: Literal["greedy", "probabilistic"] = "greedy"
+    #: "goodput": choose K per step from measured acceptance and step cost
+    #: (``pard_vllm.adaptive``), down to ``min_speculative_tokens`` (0 = may
+    #: stop speculating). "off": always draft num_speculative_tokens.
+    adaptive: Literal["off", "goodput"] = "off"
+    min_speculative_tokens: int = Field(default=0, ge=0, le=MAX_K)
+    #: Share of steps that try another K so the estimates stay measured.
+    adaptive_explore: float = Field(default=0.05, ge=0.0, le=0.5)
+    #: Per request: cut the draft where the running product of the draft's
+    #: own token probabilities falls below this (sync scheduling only).
+    confidence_threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
     #: Filled in during resolution, from the draft's config.json.
     mask_token_id: int | None = None
     draft_vocab_size: int | None = None
@@ -163,6 +173,18 @@ def resolve_pard_config(spec: dict[str, Any]) -> tuple[dict[str, Any], PardOptio
             f"cache); download it first (`hf download {model}`) or pass a local folder")
 
     vllm_kwargs = {k: v for k, v in spec.items() if k in PASSTHROUGH_KEYS}
+    if opts.adaptive == "goodput":
+        if vllm_kwargs.get("num_speculative_tokens_per_batch_size"):
+            raise PardConfigError(
+                "choose one: \"adaptive\": \"goodput\" picks K itself, "
+                "\"num_speculative_tokens_per_batch_size\" is a hand-written schedule; drop one of them")
+        if opts.min_speculative_tokens > opts.num_speculative_tokens:
+            raise PardConfigError(
+                f"min_speculative_tokens ({opts.min_speculative_tokens}) exceeds num_speculative_tokens "
+                f"({opts.num_speculative_tokens}); lower it")
+        # Turns on vLLM's variable-K machinery (no spec padding, piecewise CUDA
+        # graphs); AdaptiveKPatch then replaces the table with our controller.
+        vllm_kwargs["num_speculative_tokens_per_batch_size"] = [[1, 1 << 20, opts.num_speculative_tokens]]
     vllm_kwargs.update(
         method="draft_model",
         model=model,

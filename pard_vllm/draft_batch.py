@@ -95,7 +95,7 @@ def build_draft_batch(
     valid_len = num_valid[req_of_slot]
 
     is_valid = offset < valid_len
-    is_new = offset == valid_len
+    is_new = (offset == valid_len) & (k > 0)  # k == 0: no draft this step
     is_mask = (offset > valid_len) & (offset < valid_len + k)
     is_rejected = offset >= valid_len + k
 

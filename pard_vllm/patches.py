@@ -210,8 +210,87 @@ class CpuExpandBatchToTokensPatch:
         _wrap_once(rejection_sampler, "expand_batch_to_tokens", make)
 
 
+class AdaptiveKPatch:
+    """Wraps ``Scheduler.__init__``, ``Scheduler.schedule`` and
+    ``Scheduler.make_spec_decoding_stats`` (the async scheduler inherits all three).
+
+    Why: vLLM's dynamic speculation reads K from a hand-written batch-size
+    table (``scheduler.dynamic_sd_lookup[batch_size]``). With
+    ``"adaptive": "goodput"`` the config asks vLLM for a trivial table (which
+    turns on its variable-K paths) and this patch puts a
+    ``GoodputController`` in the table's place, then feeds it what the
+    scheduler already knows: each request's drafted/accepted counts (from the
+    rejection sampler's results) and the wall time between scheduling steps
+    against the tokens scheduled (the real cost of a step on this hardware).
+    """
+
+    @staticmethod
+    def apply() -> None:
+        import time
+
+        from vllm.v1.core.sched.scheduler import Scheduler
+
+        def make_init(original):
+            @functools.wraps(original)
+            def __init__(self, vllm_config, *args, **kwargs):
+                original(self, vllm_config, *args, **kwargs)
+                self._pard_controller = None
+                self._pard_last_step = None
+                spec = vllm_config.speculative_config
+                options = getattr(spec, OPTIONS_ATTR, None) if spec is not None else None
+                if options is None or options.adaptive != "goodput" or self.dynamic_sd_lookup is None:
+                    return  # off, or vLLM disabled variable K (e.g. data parallel)
+                from pard_vllm.adaptive import GoodputController
+
+                self._pard_controller = GoodputController(
+                    max_k=self.num_spec_tokens, min_k=options.min_speculative_tokens,
+                    explore=options.adaptive_explore)
+                self.dynamic_sd_lookup = self._pard_controller
+                logger.info("pard-vllm: goodput-adaptive K in [%d, %d]",
+                            options.min_speculative_tokens, self.num_spec_tokens)
+
+            return __init__
+
+        def make_schedule(original):
+            @functools.wraps(original)
+            def schedule(self, *args, **kwargs):
+                controller = getattr(self, "_pard_controller", None)
+                if controller is None:
+                    return original(self, *args, **kwargs)
+                now = time.perf_counter()
+                if self._pard_last_step is not None:
+                    started, step = self._pard_last_step
+                    controller.observe_step(*step, seconds=now - started)
+                output = original(self, *args, **kwargs)
+                tokens = output.total_num_scheduled_tokens
+                step = (len(output.num_scheduled_tokens), tokens, output.num_spec_tokens_to_schedule)
+                self._pard_last_step = (now, step) if tokens else None
+                if sum(controller.history.values()) >= 2000:
+                    logger.info("pard-vllm adaptive: %s", controller.summary())
+                    controller.history.clear()
+                return output
+
+            return schedule
+
+        def make_stats(original):
+            @functools.wraps(original)
+            def make_spec_decoding_stats(self, spec_decoding_stats, num_draft_tokens,
+                                         num_accepted_tokens, *args, **kwargs):
+                controller = getattr(self, "_pard_controller", None)
+                if controller is not None and num_draft_tokens:
+                    controller.observe_request(num_draft_tokens, num_accepted_tokens)
+                return original(self, spec_decoding_stats, num_draft_tokens,
+                                num_accepted_tokens, *args, **kwargs)
+
+            return make_spec_decoding_stats
+
+        _wrap_once(Scheduler, "__init__", make_init)
+        _wrap_once(Scheduler, "schedule", make_schedule)
+        _wrap_once(Scheduler, "make_spec_decoding_stats", make_stats)
+
+
 ALL_PATCHES = (SpeculativeConfigPatch, DrafterPatch, SpeculativeConfigArgPatch,
-               CpuExpandBatchToTokensPatch)
+               CpuExpandBatchToTokensPatch, AdaptiveKPatch)
 
 
 def apply() -> None:

@@ -40,6 +40,14 @@ class PardProposer(DraftModelProposer):
         # the base class read the same key into parallel_drafting_token_id.
         if options is not None and options.mask_token_id is not None:
             self.parallel_drafting_token_id = options.mask_token_id
+        # Per-request lengths need the scheduler to accept ragged drafts, which
+        # vLLM's async scheduling does not (it pre-allocates K placeholders).
+        self.confidence_threshold = options.confidence_threshold if options is not None else None
+        if self.confidence_threshold is not None and vllm_config.scheduler_config.async_scheduling:
+            logger.warning("PARD: confidence_threshold needs sync scheduling; ignored "
+                           "(start with --no-async-scheduling to use it)")
+            self.confidence_threshold = None
+        self._confidence: torch.Tensor | None = None
         logger.info("PARD: %d draft tokens per forward, mask token %d, %s drafts",
                     self.num_speculative_tokens, self.parallel_drafting_token_id,
                     self.speculative_config.draft_sample_method)
@@ -55,7 +63,10 @@ class PardProposer(DraftModelProposer):
         num_rejected_tokens_gpu: torch.Tensor | None,
     ) -> tuple[int, torch.Tensor, CommonAttentionMetadata]:
         """Replaces the base class's copy-and-expand kernel with our layout."""
-        k = self.extra_slots_per_request  # == num_speculative_tokens for PARD
+        # This step's K: the configured one, or what the adaptive controller
+        # chose (vLLM sets it in propose() before calling us; 0 = no drafts,
+        # the forward then only keeps the draft's KV cache in step).
+        k = self.num_speculative_tokens
         batch = build_draft_batch(
             target_token_ids=target_token_ids,
             target_positions=target_positions,
@@ -84,3 +95,34 @@ class PardProposer(DraftModelProposer):
         )
         new_cad = extend_all_queries_by_N(cad, N=k, arange=self.arange, new_slot_mapping=slot_mapping)
         return num_tokens, batch.sample_indices, new_cad
+
+    def _greedy_sample(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.confidence_threshold is None:
+            return super()._greedy_sample(hidden_states)
+        probs = self.model.compute_logits(hidden_states).float().softmax(dim=-1)
+        confidence, token_ids = probs.max(dim=-1)
+        self._confidence = confidence
+        return token_ids
+
+    def _sample_draft_tokens(self, hidden_states, sampling_metadata):
+        self._confidence = None
+        token_ids, probs = super()._sample_draft_tokens(hidden_states, sampling_metadata)
+        if self.confidence_threshold is not None and probs is not None:
+            # Sampled drafts: the draft's probability of the token it drew.
+            self._confidence = probs.gather(-1, token_ids.view(-1, 1).long()).squeeze(-1)
+        return token_ids, probs
+
+    def propose(self, *args, **kwargs):
+        """vLLM's propose; with ``confidence_threshold`` each request's drafts
+        are cut where the running product of the draft's own probabilities
+        drops below it (ragged lists, which vLLM's sync scheduler accepts)."""
+        drafts = super().propose(*args, **kwargs)
+        if self._confidence is None or drafts.shape[1] == 0:
+            return drafts
+        from pard_vllm.adaptive import lengths_from_confidence
+
+        k = drafts.shape[1]
+        lengths = lengths_from_confidence(self._confidence.view(-1, k), self.confidence_threshold)
+        self._confidence = None
+        rows = drafts.tolist()
+        return [row[:n] for row, n in zip(rows, lengths.tolist())]

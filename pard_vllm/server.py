@@ -15,8 +15,35 @@ import time
 import urllib.request
 from pathlib import Path
 
-#: Engine settings that suit a small CPU box; every one can be overridden.
-CPU_DEFAULTS = ["--gpu-memory-utilization", "0.3", "--max-model-len", "2048"]
+#: KV cache for CPU engines, in bytes. Why not --gpu-memory-utilization: on
+#: CPU, vLLM reserves that share of the NUMA node's MemTotal and subtracts its
+#: own RSS (``vllm/v1/worker/cpu_worker.py``); on VMs whose node reports much
+#: less than the machine's RAM (seen: 9.7 of 24 GiB) 0.15 comes out negative
+#: and the engine refuses to start. A size in bytes means the same everywhere.
+CPU_KV_CACHE_BYTES = 2 << 30
+#: Engine settings that suit a small CPU box; each gives way to the caller's own.
+CPU_DEFAULTS = {"--kv-cache-memory-bytes": str(CPU_KV_CACHE_BYTES), "--max-model-len": "2048"}
+#: Flags that size the KV cache: a caller passing any of them replaces our size.
+KV_SIZE_FLAGS = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
+
+
+def kv_cache_kwargs() -> dict:
+    """``vllm.LLM`` keyword arguments that size the KV cache: our byte size on
+    CPU (see CPU_KV_CACHE_BYTES), vLLM's own default on GPUs."""
+    from vllm.platforms import current_platform
+
+    return {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES} if current_platform.is_cpu() else {}
+
+
+def cpu_defaults(user_args: list[str]) -> list[str]:
+    """CPU_DEFAULTS minus what ``user_args`` already sets."""
+    given = {a.split("=", 1)[0] for a in user_args if a.startswith("--")}
+    out = []
+    for flag, value in CPU_DEFAULTS.items():
+        if flag in given or (flag in KV_SIZE_FLAGS and given & set(KV_SIZE_FLAGS)):
+            continue
+        out += [flag, value]
+    return out
 
 
 def vllm_executable() -> str:
@@ -35,7 +62,7 @@ def serve_command(target: str, draft: str | None, k: int = 8, dtype: str = "floa
                   extra_spec: dict | None = None, extra_args: list[str] | None = None,
                   port: int = 8000, eager: bool = True) -> list[str]:
     cmd = [vllm_executable(), "serve", target, "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", dtype, *CPU_DEFAULTS]
+           "--dtype", dtype, *cpu_defaults(list(extra_args or []))]
     if eager:
         cmd.append("--enforce-eager")
     if draft is not None:

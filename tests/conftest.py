@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,9 @@ import pytest
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ENGINE_KW = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.15,
+from pard_vllm.server import CPU_KV_CACHE_BYTES  # noqa: E402
+
+ENGINE_KW = dict(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=CPU_KV_CACHE_BYTES,
                  max_model_len=1024, seed=0)
 
 

@@ -45,7 +45,7 @@ def _random_batch(rng: random.Random, k: int):
     return ids, pos, nxt, qsl, rej
 
 
-@pytest.mark.parametrize("k", [1, 2, 4, 8, 16, 32])
+@pytest.mark.parametrize("k", [0, 1, 2, 4, 8, 16, 32])  # 0: an adaptive step without drafts
 def test_matches_reference_on_random_batches(k):
     rng = random.Random(k)
     for _ in range(50):

@@ -23,7 +23,7 @@ def servers(embedded):
         for draft in (None, embedded["draft"]):
             port = free_port()
             cmd = serve_command(embedded["target"], draft, k=8, dtype="float32", port=port,
-                                extra_args=["--max-model-len", "1024", "--gpu-memory-utilization", "0.15"])
+                                extra_args=["--max-model-len", "1024"])
             started.append(VllmServer(cmd, port).__enter__())
         yield {"plain": started[0], "pard": started[1], "model": embedded["target"]}
     finally:

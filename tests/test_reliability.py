@@ -22,9 +22,7 @@ Both offline engines run with prefix caching and chunked prefill on and a
 
 from __future__ import annotations
 
-import asyncio
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -215,7 +213,7 @@ def test_draft_that_fails_to_load_is_a_clear_error_not_a_hang(embedded, tmp_path
     weights.write_bytes(data[: len(data) // 3])  # truncated: header promises more than is there
     port = free_port()
     cmd = serve_command(embedded["target"], str(draft), k=K, port=port,
-                        extra_args=["--max-model-len", "1024", "--gpu-memory-utilization", "0.15"])
+                        extra_args=["--max-model-len", "1024"])
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
     out = res.stdout + res.stderr
     assert res.returncode != 0
@@ -242,7 +240,7 @@ def test_load_with_aborts_matches_plain_and_frees_memory(embedded, plain):
     specs = load_test.plan(LOAD_REQUESTS)
     port = free_port()
     cmd = serve_command(embedded["target"], embedded["draft"], k=K, port=port, extra_args=[
-        "--max-model-len", "1024", "--gpu-memory-utilization", "0.15"])
+        "--max-model-len", "1024"])
     with VllmServer(cmd, port) as server:
         summary, results = load_test.check_load(server, embedded["target"], specs, plain["load"])
     print("\n" + load_test.report(summary))

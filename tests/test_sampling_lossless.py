@@ -158,11 +158,16 @@ def plain_samples(embedded):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("draft_sampling", ["greedy", "probabilistic"])
+@pytest.mark.parametrize("draft_sampling", ["greedy", "probabilistic", "probabilistic+adaptive"])
 def test_pard_samples_like_plain_decoding(embedded, plain_samples, draft_sampling):
+    # "+adaptive": K chosen per step and each request's drafts cut by
+    # confidence, so the rejection sampler sees ragged draft lengths and
+    # ragged draft probabilities.
+    extra = ({"adaptive": "goodput", "min_speculative_tokens": 2, "confidence_threshold": 0.3}
+             if draft_sampling.endswith("+adaptive") else {})
     pard = _samples(embedded["target"], {"method": "pard", "model": embedded["draft"],
                                          "num_speculative_tokens": 4,
-                                         "draft_sampling": draft_sampling})
+                                         "draft_sampling": draft_sampling.split("+")[0], **extra})
     assert len(pard) == len(plain_samples) == NUM_SAMPLES
     assert all(len(s) == NUM_TOKENS for s in pard)
     # The first token comes from the prefill, sampled the same way with the

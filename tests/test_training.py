@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from pard_vllm.server import CPU_KV_CACHE_BYTES
 from pard_vllm.training import data as D
 
 ANSWERS = [
@@ -120,8 +121,8 @@ def test_train_tiny_draft_then_vllm_serves_it(embedded, tiny_data, tmp_path):
     from pard_vllm.training.evaluate import engine_lock, spec_counters
 
     with engine_lock():
-        llm = LLM(model=embedded["target"], dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3,
-                  max_model_len=512, seed=0, disable_log_stats=False,
+        llm = LLM(model=embedded["target"], dtype="float32", enforce_eager=True,
+                  kv_cache_memory_bytes=CPU_KV_CACHE_BYTES, max_model_len=512, seed=0, disable_log_stats=False,
                   speculative_config={"method": "pard", "model": str(out), "num_speculative_tokens": 4})
         try:
             res = llm.generate(["Name three colors."], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)

@@ -2,7 +2,8 @@
 
     .venv/bin/python pard_vllm/training/bench_layer_init.py > runs/bench/layer_init.jsonl
 """
-import json, sys, torch
+import json
+import torch
 from pard_vllm.training import data as D
 from pard_vllm.training.distill import load_shards
 from pard_vllm.training.model import load_draft

@@ -56,10 +56,12 @@ def _pack_logprobs(step_logprobs, k: int):
 def distill(target: str, prompts: str, out: str, max_tokens: int = 256, temperature: float = 0.0,
             num_samples: int = 1, top_logits: int = 0, shard_size: int = 256, dtype: str = "float32",
             max_model_len: int = 1024, seed: int = 0, limit: int | None = None,
-            gpu_memory_utilization: float = 0.3, enforce_eager: bool = True) -> Path:
+            enforce_eager: bool = True) -> Path:
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+
+    from pard_vllm.server import kv_cache_kwargs
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +78,7 @@ def distill(target: str, prompts: str, out: str, max_tokens: int = 256, temperat
         return out_dir
 
     llm = LLM(model=str(target), dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
-              gpu_memory_utilization=gpu_memory_utilization, seed=seed, max_num_seqs=256)
+              seed=seed, max_num_seqs=256, **kv_cache_kwargs())
     tokenizer = llm.get_tokenizer()
     n = 1 if temperature == 0 else num_samples
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, n=n, seed=seed,

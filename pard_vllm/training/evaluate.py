@@ -55,12 +55,13 @@ def measure_tau(target: str, draft: str, prompts: list[str], k: int = 8, max_tok
                 dtype: str = "float32") -> dict:
     from vllm import LLM, SamplingParams
 
+    from pard_vllm.server import kv_cache_kwargs
     from pard_vllm.training.distill import prompt_token_ids
 
     spec = {"method": "pard", "model": draft, "num_speculative_tokens": k}
     with engine_lock():
-        llm = LLM(model=target, dtype=dtype, enforce_eager=True, gpu_memory_utilization=0.3,
-                  max_model_len=1024, seed=0, speculative_config=spec, disable_log_stats=False)
+        llm = LLM(model=target, dtype=dtype, enforce_eager=True, max_model_len=1024, seed=0,
+                  speculative_config=spec, disable_log_stats=False, **kv_cache_kwargs())
         try:
             from vllm.inputs import TokensPrompt
 

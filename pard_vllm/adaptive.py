@@ -1,0 +1,240 @@
+"""How many tokens to draft: the goodput-optimal K per step, and per request.
+
+vLLM drafts a fixed K, or follows a batch-size table the user writes by hand.
+Both waste target compute when the draft is weak or the batch is large: every
+drafted token is verified by the target whether it is accepted or not. Here
+the engine measures, online, the two things that decide what pays:
+
+* how often draft position i is accepted (``AcceptanceTracker``), pooled over
+  requests and decayed so the estimate follows the workload;
+* what a step costs (``StepCostModel``): seconds = a + b * tokens verified
+  + c * draft positions + d when drafting at all, fitted by decayed least
+  squares on the engine's own step times, so it is the real hardware, not a
+  guess (on a CPU the draft's output layer makes c large; on a GPU at small
+  batch b and c are near zero and speculation is almost free).
+
+``GoodputController`` then picks, every step, the K that maximises expected
+accepted tokens per second for the current batch size B::
+
+    goodput(K) = B * (1 + p_1 + ... + p_K) / (a + b * B * (1 + K) + c * B * K + d * [K > 0])
+
+where p_i is the probability that the first i drafts are all accepted. K = 0
+means "do not speculate this step". A worked example with c = d = 0: a = 40 ms,
+b = 5 ms per token, p = (0.5, 0.25, 0.1, ...). At B = 1, K = 0 gives
+1 / 45 ms = 22 tok/s; K = 2 gives 1.75 / 55 ms = 32 tok/s; K = 3 gives
+1.85 / 60 ms = 31 tok/s; so K = 2. At B = 16 the per-token term dominates:
+K = 0 gives 16 / 120 ms = 133 tok/s, K = 1 gives 24 / 200 ms = 120 tok/s, so
+the controller stops speculating.
+
+The per-request policy (``length_from_confidence``) truncates one request's
+draft where the draft's own confidence says the next token is not worth its
+verification cost: a token whose prefix is accepted with probability q adds q
+tokens for b + c seconds, which raises throughput only if q > (b + c) * (tokens/s now).
+
+Everything here is plain Python on small numbers, so it is unit-tested on
+synthetic inputs (tests/test_adaptive.py) and costs microseconds per step.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+
+def expected_accepted(prefix_accept: Sequence[float], k: int) -> float:
+    """Tokens one request gains from a step that drafts ``k`` tokens: the
+    target's own token plus every draft whose whole prefix was accepted."""
+    return 1.0 + sum(prefix_accept[:k])
+
+
+@dataclass
+class AcceptanceTracker:
+    """Decayed counts, per draft position i, of requests that *reached* it
+    (drafted it with every earlier draft accepted) and that had it accepted.
+
+    Their ratio is the conditional acceptance c_i; p_i is the running product.
+    ``prior`` (weight ``prior_weight`` pseudo-requests) stands in where data is
+    thin, so a position never drafted yet is assumed to halve the chance of the
+    one before: optimistic enough that long drafts get tried, never more
+    optimistic than what was measured before it.
+    """
+
+    max_k: int
+    prior: float = 0.5
+    prior_weight: float = 4.0
+    decay: float = 0.995
+    reached: list[float] = field(default_factory=list)
+    accepted: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.reached = [0.0] * self.max_k
+        self.accepted = [0.0] * self.max_k
+
+    def observe(self, num_drafted: int, num_accepted: int) -> None:
+        """One request's outcome in one step (what vLLM's rejection sampler reports)."""
+        for i in range(self.max_k):
+            self.reached[i] *= self.decay
+            self.accepted[i] *= self.decay
+        for i in range(min(num_drafted, num_accepted + 1, self.max_k)):
+            self.reached[i] += 1.0
+            if i < num_accepted:
+                self.accepted[i] += 1.0
+
+    def prefix_accept(self) -> list[float]:
+        """p_i = P(drafts 1..i all accepted), non-increasing in i."""
+        out, p = [], 1.0
+        for i in range(self.max_k):
+            p *= (self.accepted[i] + self.prior * self.prior_weight) / (self.reached[i] + self.prior_weight)
+            out.append(p)
+        return out
+
+
+def step_features(batch_size: int, tokens: int, k: int) -> list[float]:
+    """What a step's time depends on: a fixed part, the tokens the target
+    verifies, the draft positions whose logits are computed (the draft's
+    output layer is a large share of its cost), and whether drafting ran."""
+    return [1.0, float(tokens), float(batch_size * k), 1.0 if k > 0 else 0.0]
+
+
+@dataclass
+class StepCostModel:
+    """seconds(step) = w . step_features(...), by exponentially weighted ridge
+    least squares on the engine's own steps.
+
+    The first step seen seeds the ridge target: that step's time as the fixed
+    part, plus as much again per ``prior_tokens`` tokens. The ridge decays like
+    the data, so measured steps of different sizes take over within a few
+    dozen steps. Coefficients are clamped at 0 (cost never falls with work).
+    """
+
+    decay: float = 0.98
+    prior_tokens: float = 64.0
+    prior_weight: float = 0.1
+    samples: int = 0
+    _xtx: torch.Tensor = field(default_factory=lambda: torch.zeros(4, 4, dtype=torch.float64))
+    _xty: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.float64))
+    _w: torch.Tensor | None = None
+
+    def observe(self, features: Sequence[float], seconds: float) -> None:
+        if seconds <= 0:
+            return
+        x = torch.tensor(features, dtype=torch.float64)
+        if self.samples == 0:
+            scale = torch.tensor([1.0, self.prior_tokens, self.prior_tokens, 1.0], dtype=torch.float64)
+            ridge = torch.diag(self.prior_weight * scale ** 2)
+            prior = torch.tensor([seconds, seconds / self.prior_tokens, 0.0, 0.0], dtype=torch.float64)
+            self._xtx, self._xty = ridge, ridge @ prior
+        self._xtx = self._xtx * self.decay + torch.outer(x, x)
+        self._xty = self._xty * self.decay + x * seconds
+        self._w = None
+        self.samples += 1
+
+    def coefficients(self) -> list[float]:
+        """[fixed s, s per verified token, s per drafted position, s when drafting]."""
+        if self.samples == 0:
+            return [0.0] * 4
+        if self._w is None:
+            self._w = torch.linalg.solve(self._xtx, self._xty).clamp(min=0.0)
+        return self._w.tolist()
+
+    def predict(self, features: Sequence[float]) -> float:
+        return max(sum(w * x for w, x in zip(self.coefficients(), features)), 1e-6)
+
+    def is_outlier(self, features: Sequence[float], seconds: float) -> bool:
+        """Idle gaps between requests are not step cost."""
+        return self.samples >= 8 and seconds > 8.0 * self.predict(features)
+
+
+class GoodputController:
+    """Chooses K per step. It speaks vLLM's dynamic-speculation interface:
+    the scheduler reads ``controller[batch_size]`` exactly where it would read
+    its hand-written batch-size table (see ``patches.AdaptiveKPatch``).
+
+    Args:
+        max_k: the configured ``num_speculative_tokens`` (the drafter's width).
+        min_k: never draft fewer (0 lets it turn speculation off).
+        explore: share of steps that try a K other than the best one, so the
+            cost slope and long-prefix acceptance stay measured.
+    """
+
+    def __init__(self, max_k: int, min_k: int = 0, explore: float = 0.05, seed: int = 0,
+                 acceptance: AcceptanceTracker | None = None, cost: StepCostModel | None = None):
+        if not 0 <= min_k <= max_k:
+            raise ValueError(f"need 0 <= min_k <= max_k, got {min_k}, {max_k}")
+        self.max_k, self.min_k, self.explore = max_k, min_k, explore
+        self.acceptance = acceptance or AcceptanceTracker(max_k)
+        self.cost = cost or StepCostModel()
+        self.rng = random.Random(seed)
+        self.history: dict[int, int] = {}  # K -> steps it was chosen
+
+    def goodput(self, batch_size: int, k: int) -> float:
+        """Expected accepted tokens per second for this batch at this K (in a
+        steady state, where the step verifies B * (1 + K) tokens)."""
+        gain = batch_size * expected_accepted(self.acceptance.prefix_accept(), k)
+        return gain / self.cost.predict(step_features(batch_size, batch_size * (1 + k), k))
+
+    def best_k(self, batch_size: int) -> int:
+        if self.cost.samples == 0:
+            return self.max_k  # nothing measured yet: draft fully and learn
+        return max(range(self.min_k, self.max_k + 1), key=lambda k: self.goodput(batch_size, k))
+
+    def choose(self, batch_size: int) -> int:
+        k = self.best_k(max(batch_size, 1))
+        if self.max_k > self.min_k and self.rng.random() < self.explore:
+            # Explore next to the best K: it measures the slope that matters
+            # and never costs more than one extra token per request.
+            k = self.rng.choice([x for x in (k - 1, k + 1) if self.min_k <= x <= self.max_k])
+        self.history[k] = self.history.get(k, 0) + 1
+        return k
+
+    __getitem__ = choose
+
+    def summary(self) -> str:
+        """One log line: what was chosen and why."""
+        fixed, per_token, per_draft, drafting = (c * 1e3 for c in self.cost.coefficients())
+        p = ", ".join(f"{x:.2f}" for x in self.acceptance.prefix_accept())
+        return (f"K chosen {dict(sorted(self.history.items()))}; step = {fixed:.1f} ms + "
+                f"{per_token:.2f} ms/verified token + {per_draft:.2f} ms/drafted token + "
+                f"{drafting:.1f} ms when drafting; prefix acceptance [{p}]")
+
+    # What the scheduler reports back.
+    def observe_request(self, num_drafted: int, num_accepted: int) -> None:
+        self.acceptance.observe(num_drafted, num_accepted)
+
+    def observe_step(self, batch_size: int, tokens: int, k: int, seconds: float) -> None:
+        """One scheduling step: requests, tokens verified, K drafted, wall time."""
+        features = step_features(batch_size, tokens, k)
+        if tokens > 0 and not self.cost.is_outlier(features, seconds):
+            self.cost.observe(features, seconds)
+
+    def marginal_threshold(self, batch_size: int, k: int) -> float:
+        """Prefix-acceptance probability below which one more drafted token
+        lowers throughput: its cost (verify + draft) times tokens per second."""
+        _, per_token, per_draft, _ = self.cost.coefficients()
+        return (per_token + per_draft) * self.goodput(batch_size, k)
+
+
+def length_from_confidence(confidence: Sequence[float], threshold: float) -> int:
+    """Longest draft prefix whose estimated acceptance stays >= threshold.
+
+    ``confidence[i]`` is the draft's probability for its own token at position
+    i (its max-probability for greedy drafts); the prefix estimate is the
+    running product. The first token is always kept when threshold <= 1 and
+    confidence[0] >= threshold.
+    """
+    q, length = 1.0, 0
+    for c in confidence:
+        q *= float(c)
+        if q < threshold:
+            break
+        length += 1
+    return length
+
+
+def lengths_from_confidence(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``length_from_confidence`` for a [batch, K] tensor, in one pass."""
+    prefix = torch.cumprod(confidence.float(), dim=-1)
+    return (prefix >= threshold).to(torch.int64).cumprod(dim=-1).sum(dim=-1)

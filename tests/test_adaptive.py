@@ -1,0 +1,170 @@
+"""Adaptive draft length: the policies on synthetic numbers (fast), then the
+real engine with them on (lossless, and it stops speculating when drafts are
+never accepted)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pard_vllm.adaptive import (AcceptanceTracker, GoodputController, StepCostModel,
+                                expected_accepted, length_from_confidence,
+                                lengths_from_confidence, step_features)
+from pard_vllm.config import PardConfigError, resolve_pard_config
+
+
+def _controller(a: float, b: float, accept_prefix: list[float], max_k: int = 8) -> GoodputController:
+    """A controller that has seen many steps of cost a + b*tokens and many
+    requests with the given prefix-acceptance probabilities."""
+    ctl = GoodputController(max_k=max_k, explore=0.0)
+    for batch, k in [(1, 0), (1, 3), (4, 1), (8, 8), (16, 0), (2, 5), (32, 2)] * 20:
+        tokens = batch * (1 + k)
+        ctl.observe_step(batch, tokens, k, seconds=a + b * tokens)
+    # 1000 requests that drafted max_k: exactly round(p_i * 1000) reach position i.
+    # Interleaved (every 10th request is one of 10 "strata") so decay does not bias.
+    reached = [round(p * 1000) for p in accept_prefix] + [0] * (max_k - len(accept_prefix))
+    for r in sorted(range(1000), key=lambda r: (r % 10, r)):
+        ctl.observe_request(max_k, sum(1 for n in reached if r < n))
+    return ctl
+
+
+def test_expected_accepted_counts_bonus_token():
+    assert expected_accepted([0.5, 0.25, 0.1], 0) == 1.0
+    assert math.isclose(expected_accepted([0.5, 0.25, 0.1], 2), 1.75)
+
+
+def test_cost_model_recovers_each_part_of_the_step_time():
+    cost = StepCostModel()
+    truth = [0.040, 0.005, 0.002, 0.010]  # fixed, per verified token, per drafted position, drafting
+    steps = [(1, 1, 0), (1, 4, 3), (4, 8, 1), (8, 72, 8), (16, 16, 0), (2, 4, 5), (4, 20, 4)]
+    for batch, tokens, k in steps * 20:
+        x = step_features(batch, tokens, k)
+        cost.observe(x, sum(w * v for w, v in zip(truth, x)))
+    assert cost.coefficients() == pytest.approx(truth, rel=0.05, abs=2e-4)
+    x = step_features(4, 20, 4)
+    assert cost.is_outlier(x, 10.0) and not cost.is_outlier(x, 0.2)
+
+
+def test_acceptance_tracker_prefix_is_monotone_and_learns():
+    acc = AcceptanceTracker(max_k=4)
+    for _ in range(2000):
+        acc.observe(4, 1)  # first draft always accepted, second never
+    p = acc.prefix_accept()
+    assert p[0] > 0.95 and p[1] < 0.05 and p == sorted(p, reverse=True)
+
+
+def test_docstring_example_picks_k2_at_batch1_and_stops_at_batch16():
+    ctl = _controller(0.040, 0.005, [0.5, 0.25, 0.1, 0.05, 0.02, 0.01, 0.0, 0.0])
+    assert ctl.best_k(1) == 2
+    assert ctl.best_k(16) == 0
+
+
+def test_zero_acceptance_turns_speculation_off():
+    ctl = _controller(0.040, 0.0005, [0.0] * 8)
+    assert [ctl.best_k(b) for b in (1, 4, 16, 64)] == [0, 0, 0, 0]
+
+
+def test_fixed_drafting_overhead_keeps_a_weak_draft_off():
+    """With 25% first-position acceptance, per-token costs alone would favour
+    K = 1 at batch 1; a measured 20 ms cost of running the drafter at all
+    makes plain decoding faster, and the controller must see that."""
+    ctl = GoodputController(max_k=8, explore=0.0)
+    for batch, k in [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1)] * 20:
+        tokens = batch * (1 + k)
+        ctl.observe_step(batch, tokens, k, seconds=0.050 + 0.002 * tokens + (0.020 if k else 0))
+    for r in range(400):
+        ctl.observe_request(1, 1 if r % 4 == 0 else 0)
+    assert ctl.best_k(1) == 0
+
+
+def test_perfect_drafts_on_cheap_tokens_use_full_k():
+    ctl = _controller(0.040, 0.0001, [1.0] * 8)
+    assert ctl.best_k(1) == 8
+
+
+def test_min_k_is_respected_and_exploration_samples_other_k():
+    ctl = GoodputController(max_k=8, min_k=2, explore=0.5, seed=1)
+    for batch, k in [(1, 0), (1, 8), (4, 2)] * 10:
+        ctl.observe_step(batch, batch * (1 + k), k, seconds=0.04 + 0.01 * batch * (1 + k))
+    for _ in range(200):
+        ctl.observe_request(8, 0)
+    picks = {ctl.choose(4) for _ in range(200)}
+    # Best is the floor (2); exploration only ever steps to a neighbour.
+    assert ctl.best_k(4) == 2 and picks == {2, 3}
+    with pytest.raises(ValueError):
+        GoodputController(max_k=4, min_k=5)
+
+
+def test_length_from_confidence_matches_tensor_version():
+    conf = [[0.9, 0.9, 0.5, 0.9], [0.3, 0.9, 0.9, 0.9], [1.0, 1.0, 1.0, 1.0]]
+    expected = [length_from_confidence(row, 0.4) for row in conf]
+    assert expected == [3, 0, 4]  # 0.9, 0.81, 0.405, 0.36 -> 3
+    assert lengths_from_confidence(torch.tensor(conf), 0.4).tolist() == expected
+
+
+def test_config_rejects_adaptive_with_manual_schedule(embedded):
+    spec = {"method": "pard", "model": embedded["draft"], "num_speculative_tokens": 4}
+    kwargs, opts = resolve_pard_config({**spec, "adaptive": "goodput"})
+    assert opts.adaptive == "goodput" and kwargs["num_speculative_tokens_per_batch_size"][0][2] == 4
+    with pytest.raises(PardConfigError, match="choose one"):
+        resolve_pard_config({**spec, "adaptive": "goodput",
+                             "num_speculative_tokens_per_batch_size": [[1, 8, 4]]})
+    with pytest.raises(PardConfigError, match="min_speculative_tokens"):
+        resolve_pard_config({**spec, "adaptive": "goodput", "min_speculative_tokens": 6})
+
+
+# --- the real engine ---------------------------------------------------------
+
+def _useless_draft(src: str, dest) -> str:
+    """The embedded draft with its final norm zeroed: every logit is 0, so it
+    always drafts token 0, which the target never emits: acceptance is 0."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import draft_variant
+
+    folder = draft_variant(src, dest)
+    weights = dest / "model.safetensors"
+    tensors = load_file(str(weights.resolve()))
+    weights.unlink()  # a symlink to the real draft: never write through it
+    tensors["model.norm.weight"] = torch.zeros_like(tensors["model.norm.weight"])
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    return folder
+
+
+def _run(target, spec, prompts, max_tokens=64):
+    from vllm import LLM, SamplingParams
+
+    from conftest import ENGINE_KW, shutdown
+    from prompts import chat
+
+    llm = LLM(target, speculative_config=spec, disable_log_stats=False, **ENGINE_KW)
+    try:
+        outs = chat(llm, prompts, SamplingParams(temperature=0, max_tokens=max_tokens))
+        metrics = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
+        return [o.outputs[0].token_ids for o in outs], metrics
+    finally:
+        shutdown(llm)
+
+
+@pytest.mark.slow
+def test_adaptive_is_lossless_and_turns_off_for_a_useless_draft(embedded, tmp_path):
+    from prompts import TEST_PROMPTS
+
+    prompts = TEST_PROMPTS[:12]
+    plain, _ = _run(embedded["target"], None, prompts)
+    adaptive = {"method": "pard", "model": embedded["draft"], "num_speculative_tokens": 8,
+                "adaptive": "goodput", "confidence_threshold": 0.05}
+    fast, _ = _run(embedded["target"], adaptive, prompts)
+    assert fast == plain  # fp32 greedy: exactly the plain tokens, K varying or not
+
+    useless = _useless_draft(embedded["draft"], tmp_path / "useless")
+    spec = {"method": "pard", "model": useless, "num_speculative_tokens": 8}
+    fixed_out, fixed = _run(embedded["target"], spec, prompts)
+    adapt_out, adapt = _run(embedded["target"], {**spec, "adaptive": "goodput"}, prompts)
+    assert fixed_out == plain and adapt_out == plain
+    assert fixed["vllm:spec_decode_num_accepted_tokens"] == 0
+    # Fixed K verifies 8 useless tokens per step; the controller learns they
+    # never pay and drafts (almost) nothing: only its exploration remains.
+    assert adapt["vllm:spec_decode_num_draft_tokens"] < 0.2 * fixed["vllm:spec_decode_num_draft_tokens"]

@@ -1,0 +1,39 @@
+"""Small pure helpers that decide how engines are started and named (no engine)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from pard_vllm.server import CPU_KV_CACHE_BYTES, serve_command
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from specbench_common import method_spec  # noqa: E402
+
+
+def _flag(cmd: list[str], name: str) -> list[str]:
+    return [cmd[i + 1] for i, a in enumerate(cmd) if a == name]
+
+
+def test_serve_command_sizes_kv_cache_in_bytes_unless_the_caller_does():
+    cmd = serve_command("T", "D", port=1)
+    assert _flag(cmd, "--kv-cache-memory-bytes") == [str(CPU_KV_CACHE_BYTES)]
+    assert _flag(cmd, "--max-model-len") == ["2048"]
+    # A caller's own size replaces ours (either flag), and so does its context length.
+    cmd = serve_command("T", "D", port=1, extra_args=["--gpu-memory-utilization", "0.5",
+                                                      "--max-model-len=512"])
+    assert "--kv-cache-memory-bytes" not in cmd and "--max-model-len" not in cmd
+    assert _flag(cmd, "--gpu-memory-utilization") == ["0.5"]
+
+
+def test_method_names_may_carry_their_own_k():
+    assert method_spec("vllm_parallel@2", "d", 8) == {
+        "method": "draft_model", "model": "d", "num_speculative_tokens": 2, "parallel_drafting": True}
+    assert method_spec("pard", "d", 8)["num_speculative_tokens"] == 8
+    assert method_spec("ar@3", "d", 8) is None
+    with pytest.raises(SystemExit, match="positive integer"):
+        method_spec("pard@0", "d", 8)
+    with pytest.raises(SystemExit, match="unknown method"):
+        method_spec("eagle@2", "d", 8)
