@@ -321,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rss-tolerance-mib", type=float, default=128.0)
     ap.add_argument("--rounds", type=int, default=1, help="run the load this many times")
     ap.add_argument("--json", type=Path, help="also write the summary here")
+    ap.add_argument("--compare-plain", action="store_true",
+                    help="also put the same load on the plain server and report its figures: "
+                         "tells growth that comes with vLLM itself from growth that PARD adds")
     ap.add_argument("extra", nargs="*", help="extra `vllm serve` arguments (after --)")
     args = ap.parse_args(argv)
     if not (args.target and args.draft):
@@ -331,15 +334,23 @@ def main(argv: list[str] | None = None) -> int:
     extra = ["--max-model-len", "1024", *args.extra]
     specs = plan(args.requests, args.abort_fraction)
 
+    plain_summary = None
     with start_server(args.target, None, args.k, extra) as plain:
         reference = asyncio.run(reference_texts(plain.url, args.target, specs))
+        if args.compare_plain:
+            plain_summary, _ = check_load(plain, args.target, specs, reference, args.rss_tolerance_mib,
+                                          rounds=args.rounds)
     with start_server(args.target, args.draft, args.k, extra) as pard:
         summary, _ = check_load(pard, args.target, specs, reference, args.rss_tolerance_mib,
                                 rounds=args.rounds)
+    if plain_summary is not None:
+        print("plain server, same load:\n" + report(plain_summary) + "\n\nPARD server:")
     print(report(summary))
     if args.json:
-        args.json.write_text(json.dumps({**asdict(summary), "identical_pct": summary.identical_pct},
-                                        indent=2))
+        record = {**asdict(summary), "identical_pct": summary.identical_pct}
+        if plain_summary is not None:
+            record["plain"] = asdict(plain_summary)
+        args.json.write_text(json.dumps(record, indent=2))
     return 1 if summary.failures else 0
 
 

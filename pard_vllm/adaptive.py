@@ -137,8 +137,29 @@ class StepCostModel:
         if self.samples == 0:
             return [0.0] * 4
         if self._w is None:
-            self._w = torch.linalg.solve(self._xtx, self._xty).clamp(min=0.0)
+            self._w = self._solve_nonnegative()
         return self._w.tolist()
+
+    def _solve_nonnegative(self) -> torch.Tensor:
+        """Least squares with every coefficient >= 0 (cost never falls with work).
+
+        Why not solve and clamp: when two features move together (the fixed
+        part and "drafting at all" while K never reaches 0, say) the free
+        solution can put +1.7 s on one and -1.7 s on the other; clamping the
+        negative one alone then predicts steps seconds too slow. Instead the
+        most negative coefficient is fixed at 0 and the rest re-solved, until
+        none is negative (an active-set pass; 4 unknowns, at most 4 solves).
+        """
+        active = list(range(self._xty.numel()))
+        w = torch.zeros_like(self._xty)
+        while active:
+            idx = torch.tensor(active)
+            sub = torch.linalg.solve(self._xtx[idx][:, idx], self._xty[idx])
+            if (sub >= 0).all():
+                w[idx] = sub
+                break
+            active.pop(int(sub.argmin()))
+        return w
 
     def predict(self, features: Sequence[float]) -> float:
         return max(sum(w * x for w, x in zip(self.coefficients(), features)), 1e-6)
@@ -160,7 +181,7 @@ class GoodputController:
             cost slope and long-prefix acceptance stay measured.
     """
 
-    def __init__(self, max_k: int, min_k: int = 0, explore: float = 0.05, seed: int = 0,
+    def __init__(self, max_k: int, min_k: int = 0, explore: float = 0.02, seed: int = 0,
                  acceptance: AcceptanceTracker | None = None, cost: StepCostModel | None = None):
         if not 0 <= min_k <= max_k:
             raise ValueError(f"need 0 <= min_k <= max_k, got {min_k}, {max_k}")

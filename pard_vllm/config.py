@@ -59,7 +59,7 @@ class PardOptions(BaseModel):
     adaptive: Literal["off", "goodput"] = "off"
     min_speculative_tokens: int = Field(default=0, ge=0, le=MAX_K)
     #: Share of steps that try another K so the estimates stay measured.
-    adaptive_explore: float = Field(default=0.05, ge=0.0, le=0.5)
+    adaptive_explore: float = Field(default=0.02, ge=0.0, le=0.5)
     #: Per request: cut the draft where the running product of the draft's
     #: own token probabilities falls below this (sync scheduling only).
     confidence_threshold: float | None = Field(default=None, gt=0.0, lt=1.0)

@@ -47,6 +47,56 @@ def test_cost_model_recovers_each_part_of_the_step_time():
     assert cost.is_outlier(x, 10.0) and not cost.is_outlier(x, 0.2)
 
 
+def test_cost_model_stays_accurate_when_features_move_together():
+    """K never 0 and the batch fixed: "fixed" and "drafting" are the same
+    column. A solve-then-clamp fit put +1.7 s on one, -1.7 s on the other and
+    then predicted steps seconds too slow; the non-negative fit must not."""
+    cost = StepCostModel()
+    for i in range(300):
+        k, prev = 3 + (i % 7 == 0), 3 + (i % 7 == 1)
+        x = step_features(64, 64 * (1 + prev), k)
+        cost.observe(x, 0.055 + 0.0036 * x[1] + 0.002 * x[2])
+    assert min(cost.coefficients()) >= 0
+    x = step_features(64, 256, 3)
+    assert cost.predict(x) == pytest.approx(0.055 + 0.0036 * 256 + 0.002 * 192, rel=0.02)
+
+
+def _closed_loop(accept: list[float], batch: int, steps: int = 800, seed: int = 0) -> float:
+    """The controller driving a simulated engine: step time = 40 ms + 3.6 ms per
+    verified token + 2 ms per drafted position + 15 ms for drafting at all;
+    draft i accepted with conditional probability accept[i]. Returns the
+    achieved tokens/s over the best fixed K's steady-state tokens/s."""
+    import random
+
+    def seconds(tokens, k):
+        return 0.040 + 0.0036 * tokens + (0.015 + 0.002 * batch * k if k else 0.0)
+
+    rng, ctl, prev_k, made, spent = random.Random(seed), GoodputController(8), 8, 0, 0.0
+    for _ in range(steps):
+        k, tokens = ctl.choose(batch), batch * (1 + prev_k)
+        took = seconds(tokens, k) * rng.uniform(0.85, 1.15)
+        ctl.observe_step(batch, tokens, k, took)
+        for _ in range(batch):
+            n = 0
+            while n < prev_k and rng.random() < accept[n]:
+                n += 1
+            if prev_k:
+                ctl.observe_request(prev_k, n)
+            made += 1 + n
+        spent, prev_k = spent + took, k
+    best = max(batch * (1 + sum(math.prod(accept[:i + 1]) for i in range(k))) / seconds(batch * (1 + k), k)
+               for k in range(9))
+    return made / spent / best
+
+
+@pytest.mark.parametrize("batch", [1, 4, 16, 64])
+def test_closed_loop_goodput_is_near_the_best_fixed_k(batch):
+    good = [0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.5, 0.5]
+    weak = [0.19, 0.1, 0.05, 0, 0, 0, 0, 0]
+    assert _closed_loop(good, batch) > 0.9  # the best K falls from 8 to 0 as the batch grows
+    assert _closed_loop(weak, batch) > 0.9  # the best K is 0 at every batch size
+
+
 def test_acceptance_tracker_prefix_is_monotone_and_learns():
     acc = AcceptanceTracker(max_k=4)
     for _ in range(2000):
