@@ -110,7 +110,7 @@ class StepCostModel:
     dozen steps. Coefficients are clamped at 0 (cost never falls with work).
     """
 
-    decay: float = 0.98
+    decay: float = 0.995
     prior_tokens: float = 64.0
     prior_weight: float = 0.1
     samples: int = 0
@@ -179,13 +179,23 @@ class GoodputController:
         min_k: never draft fewer (0 lets it turn speculation off).
         explore: share of steps that try a K other than the best one, so the
             cost slope and long-prefix acceptance stay measured.
+        calibrate: the first this-many steps cycle K through the floor, the
+            floor + 1, the middle and the top of the range. Why: a step's cost has a part that only appears when
+            drafting at all, and the fixed part and that one cannot be told
+            apart from steps that all draft (or all do not); without a few
+            steps of each, the fit can be wrong about K = 0 for a long time.
     """
 
     def __init__(self, max_k: int, min_k: int = 0, explore: float = 0.02, seed: int = 0,
-                 acceptance: AcceptanceTracker | None = None, cost: StepCostModel | None = None):
+                 acceptance: AcceptanceTracker | None = None, cost: StepCostModel | None = None,
+                 calibrate: int | None = None):
         if not 0 <= min_k <= max_k:
             raise ValueError(f"need 0 <= min_k <= max_k, got {min_k}, {max_k}")
         self.max_k, self.min_k, self.explore = max_k, min_k, explore
+        self._calibration = sorted({min_k, min(min_k + 1, max_k), (min_k + max_k) // 2, max_k},
+                                   reverse=True)
+        self.calibrate = 2 * len(self._calibration) if calibrate is None else calibrate
+        self.steps = 0
         self.acceptance = acceptance or AcceptanceTracker(max_k)
         self.cost = cost or StepCostModel()
         self.rng = random.Random(seed)
@@ -203,11 +213,17 @@ class GoodputController:
         return max(range(self.min_k, self.max_k + 1), key=lambda k: self.goodput(batch_size, k))
 
     def choose(self, batch_size: int) -> int:
-        k = self.best_k(max(batch_size, 1))
-        if self.max_k > self.min_k and self.rng.random() < self.explore:
-            # Explore next to the best K: it measures the slope that matters
-            # and never costs more than one extra token per request.
-            k = self.rng.choice([x for x in (k - 1, k + 1) if self.min_k <= x <= self.max_k])
+        self.steps += 1
+        if self.steps <= self.calibrate:
+            k = self._calibration[(self.steps - 1) % len(self._calibration)]
+        else:
+            k = self.best_k(max(batch_size, 1))
+        if self.steps > self.calibrate and self.max_k > self.min_k and self.rng.random() < self.explore:
+            # Explore next to the best K (it measures the slope that matters and
+            # costs at most one token per request) or at the floor, which keeps
+            # the cost of not drafting measured.
+            k = self.rng.choice(sorted({x for x in (k - 1, k + 1, self.min_k)
+                                        if self.min_k <= x <= self.max_k and x != k}))
         self.history[k] = self.history.get(k, 0) + 1
         return k
 

@@ -39,7 +39,7 @@ def test_cost_model_recovers_each_part_of_the_step_time():
     cost = StepCostModel()
     truth = [0.040, 0.005, 0.002, 0.010]  # fixed, per verified token, per drafted position, drafting
     steps = [(1, 1, 0), (1, 4, 3), (4, 8, 1), (8, 72, 8), (16, 16, 0), (2, 4, 5), (4, 20, 4)]
-    for batch, tokens, k in steps * 20:
+    for batch, tokens, k in steps * 60:
         x = step_features(batch, tokens, k)
         cost.observe(x, sum(w * v for w, v in zip(truth, x)))
     assert cost.coefficients() == pytest.approx(truth, rel=0.05, abs=2e-4)
@@ -140,8 +140,10 @@ def test_min_k_is_respected_and_exploration_samples_other_k():
         ctl.observe_step(batch, batch * (1 + k), k, seconds=0.04 + 0.01 * batch * (1 + k))
     for _ in range(200):
         ctl.observe_request(8, 0)
+    calibration = [ctl.choose(4) for _ in range(ctl.calibrate)]
+    assert calibration == [8, 5, 3, 2] * 2  # top, middle, floor + 1, floor
     picks = {ctl.choose(4) for _ in range(200)}
-    # Best is the floor (2); exploration only ever steps to a neighbour.
+    # Best is the floor (2); exploration only steps to a neighbour or the floor.
     assert ctl.best_k(4) == 2 and picks == {2, 3}
     with pytest.raises(ValueError):
         GoodputController(max_k=4, min_k=5)
