@@ -243,6 +243,49 @@ class ZeroDraftSamplePatch:
         _wrap_once(GPUModelRunner, "_sample", make)
 
 
+class CpuSeededChunkedPrefillPatch:
+    """Wraps ``GPUModelRunner._bookkeeping_sync`` (the CPU runner inherits it).
+
+    Why: a crash in vLLM 0.32's CPU build. When a request's prompt is still
+    being prefilled in chunks, the token sampled for it is discarded and, if
+    the request is seeded, vLLM rewinds its generator with
+    ``gen.set_offset(gen.get_offset() - 4)``. CPU generators have no offset
+    ("RuntimeError: CPU Generator does not use offset"), so the engine dies:
+    seen with 64 concurrent seeded requests at temperature 0.7 once the token
+    budget split their prompts. Any method hits it; speculative configs make it
+    likelier because they shrink the per-step token budget.
+
+    Fix: during the call, hide the CPU generators of discarded rows from the
+    original (it uses ``input_batch.generators`` only for this rewind), so
+    nothing is rewound. The discarded draw is then consumed, which keeps a
+    seeded request reproducible run to run for the same prompt chunking.
+    """
+
+    @staticmethod
+    def apply() -> None:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        def make(original):
+            @functools.wraps(original)
+            def _bookkeeping_sync(self, *args, **kwargs):
+                gens = self.input_batch.generators
+                num_reqs = self.input_batch.num_reqs
+                hidden = {}
+                if gens:
+                    for i in self.discard_request_mask.np[:num_reqs].nonzero()[0].tolist():
+                        gen = gens.get(i)
+                        if gen is not None and gen.device.type == "cpu":
+                            hidden[i] = gens.pop(i)
+                try:
+                    return original(self, *args, **kwargs)
+                finally:
+                    gens.update(hidden)
+
+            return _bookkeeping_sync
+
+        _wrap_once(GPUModelRunner, "_bookkeeping_sync", make)
+
+
 class AdaptiveKPatch:
     """Wraps ``Scheduler.__init__``, ``Scheduler.schedule`` and
     ``Scheduler.make_spec_decoding_stats`` (the async scheduler inherits all three).
@@ -323,7 +366,8 @@ class AdaptiveKPatch:
 
 
 ALL_PATCHES = (SpeculativeConfigPatch, DrafterPatch, SpeculativeConfigArgPatch,
-               CpuExpandBatchToTokensPatch, ZeroDraftSamplePatch, AdaptiveKPatch)
+               CpuExpandBatchToTokensPatch, CpuSeededChunkedPrefillPatch, ZeroDraftSamplePatch,
+               AdaptiveKPatch)
 
 
 def apply() -> None:
