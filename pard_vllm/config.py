@@ -60,6 +60,10 @@ class PardOptions(BaseModel):
     min_speculative_tokens: int = Field(default=0, ge=0, le=MAX_K)
     #: Share of steps that try another K so the estimates stay measured.
     adaptive_explore: float = Field(default=0.02, ge=0.0, le=0.5)
+    #: Steps that draft nothing (K = 0): "skip" runs no draft forward and lets
+    #: the draft re-read the missed tokens when drafting resumes; "forward"
+    #: runs it anyway (vLLM's behaviour). Async scheduling always forwards.
+    idle_draft: Literal["skip", "forward"] = "skip"
     #: Per request: cut the draft where the running product of the draft's
     #: own token probabilities falls below this (sync scheduling only).
     confidence_threshold: float | None = Field(default=None, gt=0.0, lt=1.0)

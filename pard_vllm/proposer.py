@@ -15,6 +15,8 @@ runner)``, ``load_model(target_model)``, ``propose(...)``, ``dummy_run(n)``.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
@@ -24,6 +26,7 @@ from vllm.v1.spec_decode.utils import compute_new_slot_mapping, extend_all_queri
 
 from pard_vllm.config import PardOptions
 from pard_vllm.draft_batch import build_draft_batch
+from pard_vllm.draft_catchup import DraftLag, cap_lags, prepend_catchup
 
 # Under the "vllm" logger so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
 logger = init_logger("vllm.pard_vllm." + __name__.rsplit(".", 1)[-1])
@@ -33,6 +36,7 @@ class PardProposer(DraftModelProposer):
     def __init__(self, vllm_config: VllmConfig, device: torch.device, runner=None,
                  options: PardOptions | None = None):
         super().__init__(vllm_config=vllm_config, device=device, runner=runner)
+        self.runner = runner  # its token table feeds the catch-up after skipped steps
         if not self.parallel_drafting:
             raise ValueError("PardProposer needs parallel_drafting=True (set by the pard config)")
         self.options = options
@@ -48,6 +52,11 @@ class PardProposer(DraftModelProposer):
                            "(start with --no-async-scheduling to use it)")
             self.confidence_threshold = None
         self._confidence: torch.Tensor | None = None
+        # K = 0 steps skip the draft forward (pard_vllm.draft_catchup). Needs the
+        # committed tokens on the host, which async scheduling does not keep.
+        self.skip_idle_draft = (options is not None and options.idle_draft == "skip" and runner is not None
+                                and not vllm_config.scheduler_config.async_scheduling)
+        self._lag = DraftLag()
         logger.info("PARD: %d draft tokens per forward, mask token %d, %s drafts",
                     self.num_speculative_tokens, self.parallel_drafting_token_id,
                     self.speculative_config.draft_sample_method)
@@ -67,6 +76,9 @@ class PardProposer(DraftModelProposer):
         # chose (vLLM sets it in propose() before calling us; 0 = no drafts,
         # the forward then only keeps the draft's KV cache in step).
         k = self.num_speculative_tokens
+        if self.skip_idle_draft and self._lag.behind:
+            target_token_ids, target_positions, cad = self._catch_up(
+                target_token_ids, target_positions, cad, k)
         batch = build_draft_batch(
             target_token_ids=target_token_ids,
             target_positions=target_positions,
@@ -96,6 +108,22 @@ class PardProposer(DraftModelProposer):
         new_cad = extend_all_queries_by_N(cad, N=k, arange=self.arange, new_slot_mapping=slot_mapping)
         return num_tokens, batch.sample_indices, new_cad
 
+    def _first_positions(self, target_positions: torch.Tensor, cad) -> list[int]:
+        return target_positions[cad.query_start_loc[:-1].long()].tolist()
+
+    def _catch_up(self, target_token_ids, target_positions, cad, k):
+        """Re-feed the tokens the draft missed on skipped steps (see draft_catchup)."""
+        first = self._first_positions(target_positions, cad)
+        req_ids = self.runner.input_batch.req_ids[:len(first)]
+        lags = self._lag.take(req_ids, first)
+        self._lag.forget_finished(self.runner.requests)
+        room = self.input_ids.shape[0] - target_token_ids.shape[0] - len(first) * k
+        lags = cap_lags(lags, max(room, 0))
+        if not any(lags):
+            return target_token_ids, target_positions, cad
+        return prepend_catchup(target_token_ids, target_positions, cad, lags,
+                               self.runner.input_batch.token_ids_cpu, first)
+
     def _greedy_sample(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.confidence_threshold is None:
             return super()._greedy_sample(hidden_states)
@@ -115,7 +143,16 @@ class PardProposer(DraftModelProposer):
     def propose(self, *args, **kwargs):
         """vLLM's propose; with ``confidence_threshold`` each request's drafts
         are cut where the running product of the draft's own probabilities
-        drops below it (ragged lists, which vLLM's sync scheduler accepts)."""
+        drops below it (ragged lists, which vLLM's sync scheduler accepts).
+        A step with K = 0 runs no draft forward (``idle_draft: "skip"``)."""
+        call = inspect.signature(DraftModelProposer.propose).bind(self, *args, **kwargs).arguments
+        if call["num_speculative_tokens"] == 0 and self.skip_idle_draft:
+            cad = call["common_attn_metadata"]
+            first = self._first_positions(call["target_positions"], cad)
+            self._lag.skipped(self.runner.input_batch.req_ids[:len(first)], first)
+            self._last_draft_probs = None
+            self._confidence = None
+            return torch.empty(cad.batch_size(), 0, dtype=torch.int64, device=self.device)
         drafts = super().propose(*args, **kwargs)
         if self._confidence is None or drafts.shape[1] == 0:
             return drafts

@@ -220,3 +220,33 @@ def test_adaptive_is_lossless_and_turns_off_for_a_useless_draft(embedded, tmp_pa
     # Fixed K verifies 8 useless tokens per step; the controller learns they
     # never pay and drafts (almost) nothing: only its exploration remains.
     assert adapt["vllm:spec_decode_num_draft_tokens"] < 0.2 * fixed["vllm:spec_decode_num_draft_tokens"]
+
+
+@pytest.mark.slow
+def test_skipped_draft_steps_catch_up(embedded, monkeypatch):
+    """K = 0 steps run no draft forward ("idle_draft": "skip"); when drafting
+    resumes the draft re-reads the tokens it missed. Scripted K (four steps of
+    0, then one of 8): output stays exactly plain, and acceptance matches an
+    engine whose draft ran on every step. Without the catch-up the draft would
+    attend to stale cache entries and accept far less."""
+    import itertools
+
+    from prompts import TEST_PROMPTS
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # scheduler in this process
+    prompts = TEST_PROMPTS[:8]
+    plain, _ = _run(embedded["target"], None, prompts)
+    stats = {}
+    for idle in ("forward", "skip"):
+        pattern = itertools.cycle([0, 0, 0, 0, 8])
+        monkeypatch.setattr(GoodputController, "choose", lambda self, b: next(pattern))
+        monkeypatch.setattr(GoodputController, "__getitem__", lambda self, b: next(pattern))
+        spec = {"method": "pard", "model": embedded["draft"], "num_speculative_tokens": 8,
+                "adaptive": "goodput", "idle_draft": idle}
+        out, stats[idle] = _run(embedded["target"], spec, prompts)
+        assert out == plain, idle
+    accepted = {k: v["vllm:spec_decode_num_accepted_tokens"] for k, v in stats.items()}
+    drafted = {k: v["vllm:spec_decode_num_draft_tokens"] for k, v in stats.items()}
+    assert drafted["skip"] > 0 and accepted["forward"] > 0
+    rate = {k: accepted[k] / drafted[k] for k in stats}
+    assert rate["skip"] >= 0.9 * rate["forward"], rate

@@ -74,3 +74,56 @@ def test_no_rejections_argument():
                           torch.tensor(qsl), None, M, 2)
     assert b.input_ids.tolist() == [5, 6, 7, 8, M]
     assert b.positions.tolist() == [0, 1, 2, 3, 4]
+
+
+# --- catch-up after steps that skipped the draft (pard_vllm.draft_catchup) ---
+
+def test_draft_lag_tracks_the_first_missed_position():
+    from pard_vllm.draft_catchup import DraftLag
+
+    lag = DraftLag()
+    lag.skipped(["a", "b"], [40, 7])
+    lag.skipped(["a", "b"], [41, 8])
+    lag.skipped(["a"], [42])
+    assert lag.take(["a", "c"], [43, 5]) == [3, 0]  # a missed 40..42; c never lagged
+    assert lag.behind == {"b": 7}  # b was not in that step: still behind
+    lag.skipped(["b"], [3])  # preempted, recomputing from 3: the earlier position wins
+    assert lag.take(["b"], [9]) == [6]
+    lag.skipped(["x"], [1])
+    lag.forget_finished({"y"})
+    assert lag.behind == {}
+
+
+def test_cap_lags_fits_the_buffer_and_cuts_the_longest_first():
+    from pard_vllm.draft_catchup import cap_lags
+
+    assert cap_lags([3, 0, 5], 100) == [3, 0, 5]
+    assert cap_lags([3, 0, 50], 20) == [3, 0, 17]
+    assert cap_lags([10, 10], 5) == [2, 2]
+    assert sum(cap_lags([7, 1, 30, 12], 25)) <= 25
+
+
+def test_prepend_catchup_docstring_example():
+    import numpy as np
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from pard_vllm.draft_catchup import prepend_catchup
+
+    # request 0 (row 0) missed positions 40..42 and now consumes 43; request 1
+    # is a 2-token chunk at 0..1 that never lagged.
+    table = np.zeros((2, 64), dtype=np.int32)
+    table[0, 40:44] = [140, 141, 142, 143]
+    qsl = torch.tensor([0, 1, 3], dtype=torch.int32)
+    cad = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(), seq_lens=torch.tensor([44, 2]),
+        num_reqs=2, num_actual_tokens=3, max_query_len=2, max_seq_len=44,
+        block_table_tensor=torch.zeros(2, 4, dtype=torch.int32), slot_mapping=torch.zeros(3))
+    ids, pos, new = prepend_catchup(torch.tensor([143, 7, 8], dtype=torch.int32),
+                                    torch.tensor([43, 0, 1]), cad, [3, 0], table, [43, 0])
+    assert ids.tolist() == [140, 141, 142, 143, 7, 8] and ids.dtype == torch.int32
+    assert pos.tolist() == [40, 41, 42, 43, 0, 1]
+    assert new.query_start_loc_cpu.tolist() == [0, 4, 6] and new.query_start_loc.tolist() == [0, 4, 6]
+    assert new.num_actual_tokens == 6 and new.max_query_len == 4
+    assert new.query_start_loc.dtype == new.query_start_loc_cpu.dtype == torch.int32
+    assert new.seq_lens.tolist() == [44, 2]  # the missed tokens were already in the context
+    assert new.compute_num_computed_tokens().tolist() == [40, 0]

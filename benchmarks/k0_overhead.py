@@ -1,0 +1,115 @@
+"""What a PARD engine costs when it does not speculate (K = 0 every step), against plain decoding.
+
+    flock /tmp/pard-vllm-engine.lock .venv/bin/python benchmarks/k0_overhead.py \\
+        --batch-sizes 4,16,64 --num-prompts 64 --max-tokens 64
+
+Why: with ``"adaptive": "goodput"`` the controller turns speculation off (K = 0)
+whenever the draft does not pay, so "never slower than plain decoding" depends on
+how cheap a K = 0 step is. This script pins K to 0 (the controller is replaced by
+a constant in this process) and runs, on the same prompts and batches:
+
+* ``ar``: no speculative config;
+* ``k0_forward``: PARD with K = 0 and ``"idle_draft": "forward"`` (the draft still
+  runs over each step's new tokens, as vLLM's own dynamic speculation does);
+* ``k0_skip``: PARD with K = 0 and ``"idle_draft": "skip"`` (the default: no draft
+  forward; the draft catches up when drafting resumes).
+
+It prints tokens/s and the ratio to ``ar`` per batch size, measured in one run.
+This VM's speed drifts by 10-20% over minutes, so the methods run in turn
+``--passes`` times and each cell reports its best pass (all passes are kept in
+the JSON).
+Greedy, fp32, eager, HumanEval prompts, the engine in this process (so the
+constant controller reaches the scheduler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # scheduler in this process
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import specbench_data  # noqa: E402
+from specbench_common import environment  # noqa: E402
+from specbench_offline import free_engine, make_engine, run_cell  # noqa: E402
+
+
+class _NoBar:
+    def update(self, n): pass
+
+
+def pin_k_to_zero() -> None:
+    from pard_vllm.adaptive import GoodputController
+
+    GoodputController.choose = lambda self, batch_size: 0
+    GoodputController.__getitem__ = GoodputController.choose
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch-sizes", default="4,16,64")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--methods", default="ar,k0_forward,k0_skip")
+    ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--out", help="write the rows as JSON here")
+    args = ap.parse_args()
+
+    from pard_vllm.prepare import prepare
+
+    paths = prepare()
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    engine_args = SimpleNamespace(target=paths["target"], dtype="float32", compile=False,
+                                  max_model_len=1024, batch_sizes=batch_sizes)
+    prompts = specbench_data.load(["humaneval"], args.num_prompts)["humaneval"]
+    pin_k_to_zero()
+    rows = []
+    for method in [m for _ in range(args.passes) for m in args.methods.split(",")]:
+        spec = None
+        if method != "ar":
+            spec = {"method": "pard", "model": paths["draft"], "num_speculative_tokens": args.k,
+                    "adaptive": "goodput", "idle_draft": method.removeprefix("k0_")}
+        llm = make_engine(paths["target"], spec, engine_args)
+        try:
+            run_cell(llm, prompts[:max(batch_sizes)], max(batch_sizes), 0, 16, _NoBar())  # warm-up
+            for b in batch_sizes:
+                ids, secs, _ = run_cell(llm, prompts, b, 0, args.max_tokens, _NoBar())
+                ntok = sum(len(x) for x in ids)
+                rows.append({"method": method, "batch_size": b, "tokens_per_s": ntok / secs,
+                             "output_tokens": ntok, "_ids": ids})
+                print(f"{method:12s} b={b:3d} {ntok / secs:7.1f} tok/s", flush=True)
+        finally:
+            free_engine(llm)
+
+    best: dict = {}
+    for r in rows:
+        key = (r["method"], r["batch_size"])
+        if key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]:
+            best[key] = r
+    ar = {b: r for (m, b), r in best.items() if m == "ar"}
+    print(f"\nbest of {args.passes} passes\nmethod        batch  tok/s   vs ar  identical")
+    for r in best.values():
+        base = ar.get(r["batch_size"])
+        ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+        same = sum(a == b for a, b in zip(r["_ids"], base["_ids"])) if base else 0
+        r.update(vs_ar=ratio, identical=same)
+        print(f"{r['method']:12s} {r['batch_size']:6d} {r['tokens_per_s']:6.1f}  {ratio:5.2f}x  "
+              f"{same}/{len(r['_ids'])}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        clean = [{k: v for k, v in r.items() if k != "_ids"} for r in rows]
+        Path(args.out).write_text(json.dumps({"rows": clean, "best": [
+            {k: v for k, v in r.items() if k != "_ids"} for r in best.values()], "args": vars(args),
+                                              "environment": environment(),
+                                              "date": time.strftime("%Y-%m-%d")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
