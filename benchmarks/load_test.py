@@ -111,6 +111,7 @@ class Summary:
     load_seconds: float = 0.0
     mean_acceptance_length: float = float("nan")
     rss_rounds_mib: list[float] = field(default_factory=list)
+    rss_by_process_mib: list[dict[str, int]] = field(default_factory=list)  # idle, then each round
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -202,6 +203,18 @@ def tree_rss_mib(pid: int) -> float:
     return total / 2**20
 
 
+def rss_by_process_mib(pid: int) -> dict[str, int]:
+    """RSS per process of the tree, keyed "name[pid]": says which process grows."""
+    out = {}
+    proc = psutil.Process(pid)
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            out[f"{p.name()}[{p.pid}]"] = round(p.memory_info().rss / 2**20)
+        except psutil.Error:
+            pass
+    return out
+
+
 def gauge(metrics: dict[str, float], name: str) -> float:
     return sum(v for k, v in metrics.items() if k.split("{")[0] == name)
 
@@ -238,6 +251,7 @@ def check_load(server: VllmServer, model: str, specs: list[RequestSpec], referen
     asyncio.run(run_load(server.url, model, warm))
     idle = wait_idle(server)
     s.rss_idle_mib = tree_rss_mib(server.proc.pid)
+    s.rss_by_process_mib.append(rss_by_process_mib(server.proc.pid))
     s.kv_usage_idle = gauge(idle, "vllm:kv_cache_usage_perc")
     before = spec_decode_stats(idle)
 
@@ -248,6 +262,7 @@ def check_load(server: VllmServer, model: str, specs: list[RequestSpec], referen
         s.load_seconds += time.perf_counter() - start
         after = wait_idle(server)
         s.rss_rounds_mib.append(round(tree_rss_mib(server.proc.pid)))
+        s.rss_by_process_mib.append(rss_by_process_mib(server.proc.pid))
     s.healthy = healthy(server.url)
     s.rss_after_mib = tree_rss_mib(server.proc.pid)
     s.kv_usage_after = gauge(after, "vllm:kv_cache_usage_perc")
@@ -304,6 +319,9 @@ def report(s: Summary) -> str:
         f"KV-cache usage      idle {s.kv_usage_idle:.4f} -> after {s.kv_usage_after:.4f}",
         f"RSS (process tree)  idle {s.rss_idle_mib:.0f} MiB -> after {s.rss_after_mib:.0f} MiB"
         f" (after each round: {s.rss_rounds_mib})",
+        "RSS per process     " + "; ".join(
+            f"{name}: {' -> '.join(str(r.get(name, '-')) for r in s.rss_by_process_mib)}"
+            for name in s.rss_by_process_mib[0]) if s.rss_by_process_mib else "",
         f"load wall time      {s.load_seconds:.1f} s",
         f"mean acceptance len {s.mean_acceptance_length:.2f}",
     ]

@@ -1,0 +1,100 @@
+"""Trace the goodput controller's decisions: which K it chose, how long those steps took.
+
+    flock /tmp/pard-vllm-engine.lock .venv/bin/python benchmarks/adaptive_trace.py \\
+        --batch-size 1 --num-prompts 8 --max-tokens 64 [--temperature 0.7]
+
+Runs plain decoding (``ar``) and then PARD with ``"adaptive": "goodput"`` on the same
+HumanEval prompts in waves of ``--batch-size`` (as spec_bench does), with the engine in
+this process so the scheduler's controller can be watched. Prints tokens/s of both,
+and per K: steps chosen, mean step time as the scheduler measured it, and the share of
+wall time, then the controller's own summary (fitted cost model, acceptance).
+Use it when ``pard_adaptive`` trails the best fixed K in spec_bench, to see whether the
+choice or the steps are to blame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # scheduler in this process
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import specbench_data  # noqa: E402
+from specbench_offline import free_engine, make_engine, run_cell  # noqa: E402
+
+
+class _NoBar:
+    def update(self, n): pass
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--k", type=int, default=8)
+    args = ap.parse_args()
+
+    from pard_vllm.adaptive import GoodputController
+    from pard_vllm.prepare import prepare
+
+    steps: dict[int, list[float]] = collections.defaultdict(list)
+    sequence: list[int] = []
+    controllers = []
+    original_init, original_observe = GoodputController.__init__, GoodputController.observe_step
+
+    def init(self, *a, **kw):
+        original_init(self, *a, **kw)
+        controllers.append(self)
+
+    def observe_step(self, batch_size, tokens, k, seconds):
+        steps[k].append(seconds)
+        sequence.append(k)
+        original_observe(self, batch_size, tokens, k, seconds)
+
+    GoodputController.__init__, GoodputController.observe_step = init, observe_step
+
+    paths = prepare()
+    engine_args = SimpleNamespace(target=paths["target"], dtype="float32", compile=False,
+                                  max_model_len=1024, batch_sizes=[args.batch_size])
+    prompts = specbench_data.load(["humaneval"], args.num_prompts)["humaneval"]
+    speeds = {}
+    for method in ("ar", "pard_adaptive"):
+        spec = None if method == "ar" else {
+            "method": "pard", "model": paths["draft"], "num_speculative_tokens": args.k,
+            "adaptive": "goodput"}
+        llm = make_engine(paths["target"], spec, engine_args)
+        try:
+            run_cell(llm, prompts[:args.batch_size], args.batch_size, 0, 16, _NoBar())  # warm-up
+            steps.clear()
+            sequence.clear()
+            t0 = time.perf_counter()
+            ids, secs, _ = run_cell(llm, prompts, args.batch_size, args.temperature,
+                                    args.max_tokens, _NoBar())
+            speeds[method] = sum(len(x) for x in ids) / secs
+        finally:
+            free_engine(llm)
+    print(f"\nbatch {args.batch_size}, T={args.temperature}: ar {speeds['ar']:.1f} tok/s, "
+          f"pard_adaptive {speeds['pard_adaptive']:.1f} tok/s "
+          f"({speeds['pard_adaptive'] / speeds['ar']:.2f}x)")
+    print(f"(an ar step here: about {1e3 * args.batch_size / speeds['ar']:.1f} ms per token of each request)")
+    total = sum(sum(v) for v in steps.values())
+    print("K   steps  mean ms  share of time")
+    for k in sorted(steps):
+        v = steps[k]
+        print(f"{k:<3d} {len(v):6d}  {1e3 * sum(v) / len(v):7.1f}  {sum(v) / total:6.1%}")
+    resumes = sum(1 for a, b in zip(sequence, sequence[1:]) if a == 0 and b > 0)
+    print(f"drafting resumed after a K = 0 step {resumes} times in {len(sequence)} steps")
+    if controllers:
+        print(controllers[-1].summary())
+
+
+if __name__ == "__main__":
+    main()
