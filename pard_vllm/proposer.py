@@ -24,6 +24,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 from vllm.v1.spec_decode.utils import compute_new_slot_mapping, extend_all_queries_by_N
 
+from pard_vllm.allocator import HeapTrimmer
 from pard_vllm.config import PardOptions
 from pard_vllm.draft_batch import build_draft_batch
 from pard_vllm.draft_catchup import DraftLag, cap_lags, prepend_catchup
@@ -57,6 +58,8 @@ class PardProposer(DraftModelProposer):
         self.skip_idle_draft = (options is not None and options.idle_draft == "skip" and runner is not None
                                 and not vllm_config.scheduler_config.async_scheduling)
         self._lag = DraftLag()
+        # Freed per-step tensors otherwise stay resident (pard_vllm/allocator.py).
+        self._heap = HeapTrimmer()
         logger.info("PARD: %d draft tokens per forward, mask token %d, %s drafts",
                     self.num_speculative_tokens, self.parallel_drafting_token_id,
                     self.speculative_config.draft_sample_method)
@@ -145,6 +148,7 @@ class PardProposer(DraftModelProposer):
         are cut where the running product of the draft's own probabilities
         drops below it (ragged lists, which vLLM's sync scheduler accepts).
         A step with K = 0 runs no draft forward (``idle_draft: "skip"``)."""
+        self._heap.step()
         call = inspect.signature(DraftModelProposer.propose).bind(self, *args, **kwargs).arguments
         if call["num_speculative_tokens"] == 0 and self.skip_idle_draft:
             cad = call["common_attn_metadata"]

@@ -37,3 +37,22 @@ def test_method_names_may_carry_their_own_k():
         method_spec("pard@0", "d", 8)
     with pytest.raises(SystemExit, match="unknown method"):
         method_spec("eagle@2", "d", 8)
+
+
+def test_heap_trimmer_every_n_steps_and_switch(monkeypatch):
+    from pard_vllm.allocator import DEFAULT_TRIM_STEPS, HeapTrimmer
+
+    monkeypatch.delenv("PARD_VLLM_MALLOC_TRIM_STEPS", raising=False)
+    assert HeapTrimmer().every == DEFAULT_TRIM_STEPS
+    trimmer = HeapTrimmer(every=3)
+    assert trimmer.enabled  # glibc here
+    for _ in range(7):
+        trimmer.step()
+    assert trimmer.trims == 2
+    monkeypatch.setenv("PARD_VLLM_MALLOC_TRIM_STEPS", "0")
+    off = HeapTrimmer()
+    off.step()
+    assert not off.enabled and off.trims == 0
+    monkeypatch.setenv("PARD_VLLM_MALLOC_TRIM_STEPS", "often")
+    with pytest.raises(ValueError, match="step count"):
+        HeapTrimmer()
