@@ -17,7 +17,8 @@ process), RSS after each round:
   see README, "Reliability".
 
 ``HeapTrimmer`` calls ``malloc_trim(0)`` (release the free pages of every arena) once
-every N steps; one call takes about a millisecond here, far below a step. Set
+every N steps (a step takes 20-60 ms here; the trim's own cost inside the worker
+was not measured separately). Set
 ``PARD_VLLM_MALLOC_TRIM_STEPS=0`` to turn it off. Not glibc (musl, macOS): no-op.
 """
 
