@@ -46,10 +46,12 @@ def servable_draft(draft: str, target: str, tmp: str) -> str:
     return str(out)
 
 
-def run_k(target: str, draft: str, k: int, data: dict[str, list[str]], args) -> list[dict]:
+def run_k(target: str, draft: str, k: int, data: dict[str, list[str]], args, head_vocab=None) -> list[dict]:
     from vllm import LLM, SamplingParams
 
     spec = {"method": "pard", "model": draft, "num_speculative_tokens": k}
+    if head_vocab is not None:
+        spec["head_vocab"] = head_vocab
     llm = LLM(target, speculative_config=spec, dtype="float32", enforce_eager=True,
               max_model_len=args.max_model_len, seed=0, disable_log_stats=False,
               **kv_cache_kwargs())
@@ -62,9 +64,10 @@ def run_k(target: str, draft: str, k: int, data: dict[str, list[str]], args) -> 
             outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
             seconds = time.perf_counter() - t0
             stats = spec_delta(before, counters(llm))
-            rows.append({"dataset": name, "k": k, "n_prompts": len(prompts), "seconds": round(seconds, 2),
+            rows.append({"dataset": name, "k": k, "head_vocab": "draft's" if head_vocab is None else head_vocab,
+                         "n_prompts": len(prompts), "seconds": round(seconds, 2),
                          "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs), **stats})
-            print(f"draft_tau: K={k} {name}: tau={stats['tau']}", file=sys.stderr, flush=True)
+            print(f"draft_tau: K={k} head_vocab={head_vocab} {name}: tau={stats['tau']}", file=sys.stderr, flush=True)
     finally:
         shutdown_engine(llm)
     return rows
@@ -72,13 +75,14 @@ def run_k(target: str, draft: str, k: int, data: dict[str, list[str]], args) -> 
 
 def markdown(rows: list[dict]) -> str:
     k_max = max(r["k"] for r in rows)
-    head = "| dataset | K | tau | " + " | ".join(f"p{i + 1}" for i in range(k_max)) + " | prompts | tokens |"
-    lines = [head, "|" + "---|" * (k_max + 5)]
+    head = ("| dataset | K | head_vocab | tau | " + " | ".join(f"p{i + 1}" for i in range(k_max))
+            + " | prompts | tokens |")
+    lines = [head, "|" + "---|" * (k_max + 6)]
     for r in rows:
         pos = list(r["acceptance_per_position"] or [])
         cells = [f"{p:.3f}" for p in pos] + ["" for _ in range(k_max - len(pos))]
         tau = f"{r['tau']:.3f}" if r["tau"] is not None else "n/a"
-        lines.append(f"| {r['dataset']} | {r['k']} | {tau} | " + " | ".join(cells)
+        lines.append(f"| {r['dataset']} | {r['k']} | {r.get('head_vocab', '')} | {tau} | " + " | ".join(cells)
                      + f" | {r['n_prompts']} | {r['output_tokens']} |")
     return "\n".join(lines)
 
@@ -92,6 +96,9 @@ def main(argv=None) -> int:
     ap.add_argument("--num-prompts", type=int, default=40, help="per dataset (evenly spaced picks)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--head-vocab", default="draft",
+                    help="comma list: 'draft' (the draft's own head vocabulary, if any), 0 (full output "
+                         "layer) or N ids; one engine per K and value")
     ap.add_argument("--out", help="write the records as JSON here")
     args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -106,8 +113,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="draft-tau-") as tmp:
         draft = servable_draft(args.draft or paths["draft"], target, tmp)
         draft_cfg = json.loads((Path(draft) / "config.json").read_text())
+        heads = [None if h == "draft" else int(h) for h in args.head_vocab.split(",") if h]
         for k in (int(x) for x in args.k.split(",")):
-            rows += run_k(target, draft, k, data, args)
+            for head_vocab in heads:
+                rows += run_k(target, draft, k, data, args, head_vocab)
     table = markdown(rows)
     print(table)
     if args.out:

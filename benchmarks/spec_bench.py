@@ -92,8 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def resolve_models(args) -> None:
     if args.target and args.draft:
         return
-    needs_draft = any(m.partition("@")[0] in ("vsd", "vllm_parallel", "pard", "pard_adaptive",
-                                              "pard_confidence") for m in args.methods)
+    needs_draft = any(m.partition("@")[0] in ("vsd", "vllm_parallel", "pard", "pard_fullhead",
+                                              "pard_adaptive", "pard_confidence") for m in args.methods)
     if args.target is None or (args.draft is None and needs_draft):
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from pard_vllm.prepare import prepare

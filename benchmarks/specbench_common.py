@@ -13,7 +13,8 @@ import importlib.util
 import os
 import platform
 
-METHODS = ("ar", "vsd", "vllm_parallel", "pard", "pard_adaptive", "pard_confidence", "ngram", "suffix")
+METHODS = ("ar", "vsd", "vllm_parallel", "pard", "pard_fullhead", "pard_adaptive", "pard_confidence",
+           "ngram", "suffix")
 
 SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
                  "vllm:spec_decode_num_accepted_tokens")
@@ -42,6 +43,8 @@ def method_spec(method: str, draft: str, k: int) -> dict | None:
                 "parallel_drafting": True}
     if method == "pard":
         return {"method": "pard", "model": draft, "num_speculative_tokens": k}
+    if method == "pard_fullhead":  # pard with the draft's full output layer (no head_vocab)
+        return {"method": "pard", "model": draft, "num_speculative_tokens": k, "head_vocab": 0}
     if method == "pard_adaptive":  # K chosen per step by measured goodput (pard_vllm.adaptive)
         return {"method": "pard", "model": draft, "num_speculative_tokens": k, "adaptive": "goodput"}
     if method == "pard_confidence":  # ... and each request's draft cut by the draft's confidence

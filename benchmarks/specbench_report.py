@@ -13,11 +13,12 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-METHOD_ORDER = ("ar", "vsd", "vllm_parallel", "pard", "pard_adaptive", "pard_confidence", "ngram", "suffix")
+METHOD_ORDER = ("ar", "vsd", "vllm_parallel", "pard", "pard_fullhead", "pard_adaptive", "pard_confidence",
+                "ngram", "suffix")
 #: One colour per method in every plot, so the two figures read together
 #: (a method at its own K, ``name@K``, gets matplotlib's next free colour).
 COLORS = {"ar": "tab:gray", "vsd": "tab:orange", "vllm_parallel": "tab:green", "pard": "tab:red",
-          "pard_adaptive": "tab:blue", "pard_confidence": "tab:cyan",
+          "pard_fullhead": "tab:pink", "pard_adaptive": "tab:blue", "pard_confidence": "tab:cyan",
           "ngram": "tab:purple", "suffix": "tab:brown"}
 
 

@@ -67,9 +67,14 @@ class PardOptions(BaseModel):
     #: Per request: cut the draft where the running product of the draft's
     #: own token probabilities falls below this (sync scheduling only).
     confidence_threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
+    #: Draft logits over only the N most frequent target ids
+    #: (``pard_vllm.head_vocab``): None = the draft's own subset file if it has
+    #: one, 0 = the full output layer, N = the first N ids of that file.
+    head_vocab: int | None = Field(default=None, ge=0)
     #: Filled in during resolution, from the draft's config.json.
     mask_token_id: int | None = None
     draft_vocab_size: int | None = None
+    head_vocab_ids: tuple[int, ...] | None = None
 
 
 def read_draft_config(model: str, revision: str | None = None) -> dict | None:
@@ -110,7 +115,7 @@ def _format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "config"
     if first["type"] == "extra_forbidden":
-        allowed = sorted(set(PardOptions.model_fields) - {"mask_token_id"} | PASSTHROUGH_KEYS)
+        allowed = sorted(set(PardOptions.model_fields) - {"mask_token_id", "draft_vocab_size", "head_vocab_ids"} | PASSTHROUGH_KEYS)
         return f"unknown key '{loc}' in the pard speculative config; allowed keys: {', '.join(allowed)}"
     if loc == "num_speculative_tokens":
         return (f"num_speculative_tokens must be an integer from {MIN_K} to {MAX_K} "
@@ -170,7 +175,8 @@ def resolve_pard_config(spec: dict[str, Any]) -> tuple[dict[str, Any], PardOptio
         if isinstance(vocab, int) and not 0 <= mask < vocab:
             raise PardConfigError(f"pard_token {mask} of '{model}' is outside its vocabulary (size {vocab}); fix config.json")
         opts = opts.model_copy(update={"mask_token_id": mask,
-                                       "draft_vocab_size": vocab if isinstance(vocab, int) else None})
+                                       "draft_vocab_size": vocab if isinstance(vocab, int) else None,
+                                       "head_vocab_ids": _resolve_head_vocab(opts, local, vocab)})
     else:
         raise PardConfigError(
             f"cannot read config.json of draft '{model}' (not a local folder, not in the Hugging Face "
@@ -197,6 +203,29 @@ def resolve_pard_config(spec: dict[str, Any]) -> tuple[dict[str, Any], PardOptio
         draft_sample_method=opts.draft_sampling,
     )
     return vllm_kwargs, opts
+
+
+def _resolve_head_vocab(opts: PardOptions, folder: Path, vocab) -> tuple[int, ...] | None:
+    """The subset ids the draft's logits are computed over, or None (full head)."""
+    from pard_vllm.head_vocab import HEAD_VOCAB_FILE, read_head_vocab
+
+    if opts.head_vocab == 0:
+        return None
+    ids = read_head_vocab(folder) if folder.is_dir() else None
+    if ids is None:
+        if opts.head_vocab is None:
+            return None
+        raise PardConfigError(
+            f"head_vocab {opts.head_vocab} needs {HEAD_VOCAB_FILE} in the draft folder '{opts.model}'; make it with "
+            "`pard-vllm head-vocab --data DISTILLED --draft DIR --size N`, or drop head_vocab")
+    if opts.head_vocab is not None and opts.head_vocab > len(ids):
+        raise PardConfigError(f"head_vocab {opts.head_vocab} exceeds the {len(ids)} ids in {folder / HEAD_VOCAB_FILE}; "
+                              f"use at most {len(ids)} (or 0 for the full output layer)")
+    ids = ids[: opts.head_vocab or len(ids)]
+    if isinstance(vocab, int) and not all(0 <= t < vocab for t in ids):
+        raise PardConfigError(f"{folder / HEAD_VOCAB_FILE} has ids outside the vocabulary (size {vocab}); "
+                              "rebuild it with `pard-vllm head-vocab`")
+    return tuple(ids)
 
 
 def check_vocab_size(target_vocab_size: int, options: PardOptions) -> None:

@@ -30,6 +30,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pard_vllm.head_vocab import HEAD_VOCAB_FILE
+
 #: Bump when the draft's recipe changes so stale caches are rebuilt (2: trained draft).
 RECIPE_VERSION = 2
 #: The target's recipe, versioned apart so a draft change does not rebuild the target.
@@ -84,7 +86,10 @@ def _draft_stamp(shipped: Path = SHIPPED_DRAFT) -> dict:
     if not weights.is_file():
         raise SystemExit(f"error: the shipped draft {weights} is missing; reinstall pard-vllm "
                          "(or re-export it with `pard-vllm export-draft`)")
-    return {"recipe": RECIPE_VERSION, "shipped_sha256": sha256(weights)}
+    stamp = {"recipe": RECIPE_VERSION, "shipped_sha256": sha256(weights)}
+    if (shipped / HEAD_VOCAB_FILE).is_file():
+        stamp["head_vocab_sha256"] = sha256(shipped / HEAD_VOCAB_FILE)
+    return stamp
 
 
 def _finish_config(folder: Path, **extra) -> None:
@@ -178,6 +183,8 @@ def build_shipped_draft(target: Path, out: Path, shipped: Path = SHIPPED_DRAFT) 
     for item in Path(target).iterdir():  # tokenizer, chat template, generation config
         if item.is_file() and item.name not in ("config.json", "model.safetensors", "pard_vllm_recipe.json"):
             shutil.copy2(item, out / item.name)
+    if (shipped / HEAD_VOCAB_FILE).is_file():
+        shutil.copy2(shipped / HEAD_VOCAB_FILE, out / HEAD_VOCAB_FILE)
     cfg.pop("torch_dtype", None)
     cfg.update(dtype="float32", tie_word_embeddings=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -28,6 +28,7 @@ from pard_vllm.allocator import HeapTrimmer
 from pard_vllm.config import PardOptions
 from pard_vllm.draft_batch import build_draft_batch
 from pard_vllm.draft_catchup import DraftLag, cap_lags, prepend_catchup
+from pard_vllm.head_vocab import SubsetHead
 
 # Under the "vllm" logger so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
 logger = init_logger("vllm.pard_vllm." + __name__.rsplit(".", 1)[-1])
@@ -60,6 +61,7 @@ class PardProposer(DraftModelProposer):
         self._lag = DraftLag()
         # Freed per-step tensors otherwise stay resident (pard_vllm/allocator.py).
         self._heap = HeapTrimmer()
+        self._head: SubsetHead | None = None  # set in load_model when the draft has a head vocabulary
         logger.info("PARD: %d draft tokens per forward, mask token %d, %s drafts",
                     self.num_speculative_tokens, self.parallel_drafting_token_id,
                     self.speculative_config.draft_sample_method)
@@ -127,7 +129,26 @@ class PardProposer(DraftModelProposer):
         return prepend_catchup(target_token_ids, target_positions, cad, lags,
                                self.runner.input_batch.token_ids_cpu, first)
 
+    def load_model(self, target_model) -> None:
+        super().load_model(target_model)
+        ids = self.options.head_vocab_ids if self.options is not None else None
+        if not ids:
+            return
+        reason = SubsetHead.unsupported_reason(self.model)
+        if reason is not None:
+            logger.warning("PARD: head_vocab ignored (%s); drafting over the full vocabulary", reason)
+            return
+        self._head = SubsetHead(self.model, ids)
+        logger.info("PARD: draft logits over %d of %d ids (head_vocab)", len(ids), self._head.vocab_size)
+
     def _greedy_sample(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self._head is not None:
+            logits = self._head.logits(hidden_states)
+            if self.confidence_threshold is not None:
+                self._confidence, columns = logits.float().softmax(dim=-1).max(dim=-1)
+            else:
+                columns = logits.argmax(dim=-1)
+            return self._head.to_target(columns)
         if self.confidence_threshold is None:
             return super()._greedy_sample(hidden_states)
         probs = self.model.compute_logits(hidden_states).float().softmax(dim=-1)
@@ -135,9 +156,18 @@ class PardProposer(DraftModelProposer):
         self._confidence = confidence
         return token_ids
 
+    def _draft_token_probs(self, hidden_states, sampling_metadata):
+        """vLLM's draft sampling; with a head vocabulary the distribution is
+        zero outside it (the rejection sampler sees the true draft q)."""
+        if self._head is None:
+            return super()._sample_draft_tokens(hidden_states, sampling_metadata)
+        if not self._enable_probabilistic_draft_probs or sampling_metadata.all_greedy:
+            return self._greedy_sample(hidden_states), None
+        return self._sample_from_logits(self._head.full_logits(hidden_states), sampling_metadata)
+
     def _sample_draft_tokens(self, hidden_states, sampling_metadata):
         self._confidence = None
-        token_ids, probs = super()._sample_draft_tokens(hidden_states, sampling_metadata)
+        token_ids, probs = self._draft_token_probs(hidden_states, sampling_metadata)
         if self.confidence_threshold is not None and probs is not None:
             # Sampled drafts: the draft's probability of the token it drew.
             self._confidence = probs.gather(-1, token_ids.view(-1, 1).long()).squeeze(-1)

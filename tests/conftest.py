@@ -39,4 +39,20 @@ def draft_variant(src: str, dest: Path, drop=(), **changes) -> str:
     return str(dest)
 
 
+def head_vocab_variant(src: str, dest: Path, text_or_ids) -> str:
+    """A draft variant whose output layer covers only the ids of a text (or an id list)."""
+    from transformers import AutoTokenizer
+
+    from pard_vllm.head_vocab import HEAD_VOCAB_FILE, write_head_vocab
+
+    draft = draft_variant(src, dest, drop=("pard_head_vocab",))
+    (dest / HEAD_VOCAB_FILE).unlink(missing_ok=True)
+    ids = text_or_ids
+    if isinstance(text_or_ids, str):
+        ids = AutoTokenizer.from_pretrained(src).encode(text_or_ids)
+    ids = list(dict.fromkeys(list(ids) + [json.loads((Path(src) / "config.json").read_text())["eos_token_id"]]))
+    write_head_vocab(draft, ids, 0.0, source="test")
+    return draft
+
+
 from pard_vllm.server import shutdown_engine as shutdown  # noqa: E402,F401

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 from vllm import LLM, SamplingParams
 
-from conftest import ENGINE_KW, shutdown
+from conftest import ENGINE_KW, head_vocab_variant, shutdown
+from pard_vllm.head_vocab import rank_ids
 from prompts import TEST_PROMPTS, chat
 
 pytestmark = pytest.mark.slow
@@ -53,6 +54,22 @@ def test_drafts_were_proposed_and_verified(fp32_runs):
     assert len(per_pos) == 8
     # Acceptance can only shrink along the chain: position i+1 needs position i.
     assert all(a >= b for a, b in zip(per_pos, per_pos[1:]))
+
+
+def test_small_head_vocab_stays_lossless(embedded, fp32_runs, tmp_path):
+    """Drafts over only the 256 most frequent ids of half the plain answers:
+    the target's other tokens are never drafted, yet the output is unchanged."""
+    plain, _, full_metrics = fp32_runs
+    ids, _ = rank_ids([o.token_ids for o in plain[::2]], 256)
+    draft = head_vocab_variant(embedded["draft"], tmp_path / "d", ids)
+    pard, metrics = _generate(embedded["target"], {"method": "pard", "model": draft,
+                                                   "num_speculative_tokens": 8})
+    assert [o.token_ids for o in pard] == [o.token_ids for o in plain]
+    accepted = metrics["vllm:spec_decode_num_accepted_tokens"].value
+    assert accepted > 0, "a 256-id head should still draft accepted tokens"
+    drafted_ids = set(ids)
+    outside = sum(t not in drafted_ids for o in plain for t in o.token_ids)
+    assert outside > 0, "the test needs answer tokens outside the head vocabulary"
 
 
 def test_bf16_divergences_are_near_ties(embedded, record_property):

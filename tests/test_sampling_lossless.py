@@ -25,7 +25,7 @@ import pytest
 import torch
 from vllm import LLM, SamplingParams
 
-from conftest import ENGINE_KW, shutdown
+from conftest import ENGINE_KW, head_vocab_variant, shutdown
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,8 @@ def test_target_logits_get_each_requests_temperature_top_p_top_k(cpu_rejection_s
     torch.testing.assert_close(got[finite], expected[finite])
 
 
-@pytest.mark.parametrize("with_draft_probs", [False, True], ids=["greedy-drafts", "draft-probs"])
+@pytest.mark.parametrize("with_draft_probs", [False, True, "subset"],
+                         ids=["greedy-drafts", "draft-probs", "subset-draft-probs"])
 def test_rejection_sampling_is_lossless_on_cpu(cpu_rejection_sampler, with_draft_probs):
     """Output token distribution == target distribution after temperature and
     top-p, whatever the draft proposes: 20k one-draft requests at once."""
@@ -102,7 +103,10 @@ def test_rejection_sampling_is_lossless_on_cpu(cpu_rejection_sampler, with_draft
     row = torch.randn(vocab, generator=gen) * 2
     target_logits = row.repeat(batch, 1)
     if with_draft_probs:
-        draft_probs = torch.softmax(torch.randn(vocab, generator=gen), -1).repeat(batch, 1)
+        draft_logits = torch.randn(vocab, generator=gen)
+        if with_draft_probs == "subset":  # a head_vocab draft: zero probability outside its ids
+            draft_logits[5:] = float("-inf")
+        draft_probs = torch.softmax(draft_logits, -1).repeat(batch, 1)
         draft = torch.multinomial(draft_probs, 1, generator=gen).squeeze(1).to(torch.int32)
     else:
         draft_probs = None
@@ -131,6 +135,7 @@ def test_rejection_sampling_is_lossless_on_cpu(cpu_rejection_sampler, with_draft
 PROMPT = "Here is a list of fruits: apple,"
 NUM_SAMPLES = 200  # seeded requests, all prefilled in one step (no chunking)
 NUM_TOKENS = 3
+TEXT_IDS_SOURCE = PROMPT + " banana, cherry, orange, grape, pear, plum, mango, kiwi, lemon, lime, peach and melon."
 #: Total-variation distance between the 3-token samples of two correct runs is
 #: ~0.1 here (plain vs plain with other seeds: 0.15); the bug gave 1.0.
 MAX_TV = 0.3
@@ -158,14 +163,20 @@ def plain_samples(embedded):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("draft_sampling", ["greedy", "probabilistic", "probabilistic+adaptive"])
-def test_pard_samples_like_plain_decoding(embedded, plain_samples, draft_sampling):
+@pytest.mark.parametrize("draft_sampling", ["greedy", "probabilistic", "probabilistic+adaptive",
+                                            "probabilistic+head_vocab"])
+def test_pard_samples_like_plain_decoding(embedded, plain_samples, draft_sampling, tmp_path):
     # "+adaptive": K chosen per step and each request's drafts cut by
     # confidence, so the rejection sampler sees ragged draft lengths and
     # ragged draft probabilities.
     extra = ({"adaptive": "goodput", "min_speculative_tokens": 2, "confidence_threshold": 0.3}
              if draft_sampling.endswith("+adaptive") else {})
-    pard = _samples(embedded["target"], {"method": "pard", "model": embedded["draft"],
+    draft = embedded["draft"]
+    if draft_sampling.endswith("+head_vocab"):
+        # Drafts only over the ids of a fruit list: the sampler sees draft
+        # probabilities that are zero for most of the vocabulary.
+        draft = head_vocab_variant(draft, tmp_path / "d", TEXT_IDS_SOURCE)
+    pard = _samples(embedded["target"], {"method": "pard", "model": draft,
                                          "num_speculative_tokens": 4,
                                          "draft_sampling": draft_sampling.split("+")[0], **extra})
     assert len(pard) == len(plain_samples) == NUM_SAMPLES

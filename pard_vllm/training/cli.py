@@ -34,6 +34,17 @@ def _run_export(args) -> int:
     return 0
 
 
+def _run_head_vocab(args) -> int:
+    import sys
+
+    from pard_vllm.head_vocab import build_from_data
+
+    path, coverage = build_from_data(args.data, args.draft, args.size)
+    print(f"head-vocab: {args.size} ids cover {coverage:.2%} of the answer tokens in {args.data} -> {path}",
+          file=sys.stderr)
+    return 0
+
+
 def add_training_commands(sub) -> None:
     d = sub.add_parser("distill", help="generate the target's answers (and top-k log-probs) as training data")
     d.add_argument("--target", help="target model (default: embedded SmolLM2)")
@@ -93,6 +104,12 @@ def add_training_commands(sub) -> None:
     e.add_argument("--out", required=True, help="e.g. pard_vllm/drafts/smollm2-135m-pard")
     e.add_argument("--target", help="target whose embeddings the draft must equal (default: embedded SmolLM2)")
     e.set_defaults(run=_run_export)
+
+    h = sub.add_parser("head-vocab", help="restrict a draft's output layer to the target's most frequent ids")
+    h.add_argument("--data", required=True, help="folder written by `pard-vllm distill` (not benchmark prompts)")
+    h.add_argument("--draft", required=True, help="draft folder to write pard_head_vocab.json into")
+    h.add_argument("--size", type=int, default=8192, help="ids kept (end-of-sequence ids always are)")
+    h.set_defaults(run=_run_head_vocab)
 
 
 def _with_default_target(fn):

@@ -69,7 +69,7 @@ def train_command(config: dict) -> str:
     path is left out: it is the default ``--draft``)."""
     import argparse
 
-    from pard_vllm.prepare import cache_dir
+    from pard_vllm.prepare import TARGET_NAME, cache_dir
     from pard_vllm.training.cli import add_training_commands
 
     sub = argparse.ArgumentParser().add_subparsers(dest="cmd")
@@ -81,7 +81,10 @@ def train_command(config: dict) -> str:
             continue
         value = config[action.dest]
         if action.dest in ("draft", "target") and str(value).startswith(str(cache_dir())):
-            continue
+            if Path(value).name == TARGET_NAME:
+                continue  # the embedded target: the default
+            # another cached model (e.g. the previously shipped draft, as `pard-vllm prepare` builds it)
+            value = "~/.cache/pard-vllm/" + Path(value).name
         if value == action.default or value is None:
             continue
         flag = max(action.option_strings, key=len)
@@ -129,6 +132,11 @@ def export_draft(draft: str, out: str, target: str | None = None, command: str |
         "command": command,
     })
     cfg.pop("_model_name_or_path", None)
+    from pard_vllm.head_vocab import CONFIG_KEY, read_head_vocab
+
+    kept = read_head_vocab(dst)  # a head vocabulary made for an earlier export stays valid
+    if kept is not None:
+        cfg[CONFIG_KEY] = len(kept)
     (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (dst / "PROVENANCE.md").write_text(_provenance(cfg, size))
     return {"out": str(dst), "bytes": size, "step": train.get("step"), "params": cfg["pard_export"]["params"]}
@@ -147,6 +155,14 @@ def _provenance(cfg: dict, size: int) -> str:
         "Commands (run from the repository root; prompt generation is in pard_vllm/training/README.md):", "",
         "```bash",
     ]
+    earlier, total_h = t.get("continued_from"), t.get("train_seconds", 0) / 3600
+    while earlier:  # a run that started from an earlier trained draft: its history first
+        total_h += earlier.get("train_seconds", 0) / 3600
+        lines.insert(4, f"- continued from a draft trained for {earlier.get('step')} steps, "
+                        f"{earlier.get('train_seconds', 0) / 3600:.2f} hours, {earlier.get('real_tokens')} real tokens "
+                        f"(`{earlier.get('train_command', '?')}`)")
+        earlier = earlier.get("continued_from")
+    lines.insert(4, f"- {total_h:.2f} training hours in all")
     for d in t.get("distill", []):
         flags = ["--prompts", d["prompts"], "--max-tokens", str(d["max_tokens"]), "--top-logits", str(d["top_logits"])]
         if d.get("temperature"):

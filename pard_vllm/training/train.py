@@ -112,6 +112,17 @@ def _lr_lambda(cfg: TrainConfig, total: int):
     return f
 
 
+def _earlier_training(draft: str) -> dict | None:
+    """What the starting draft had been trained for already (its ``pard_train``),
+    so a continued run's provenance adds up (hours, tokens, commands)."""
+    path = Path(draft) / "config.json"
+    earlier = json.loads(path.read_text()).get("pard_train") if path.is_file() else None
+    if not earlier:
+        return None
+    keep = ("step", "train_seconds", "real_tokens", "layer_ids", "train_command", "distill", "continued_from")
+    return {k: earlier[k] for k in keep if k in earlier}
+
+
 def _layer_ids(cfg: TrainConfig) -> list[int] | None:
     if cfg.layer_ids:
         return [int(x) for x in cfg.layer_ids.split(",")]
@@ -198,10 +209,14 @@ def train(cfg: TrainConfig) -> dict:
               f"loss={cfg.loss}, cod_r={cod_r}, k={cfg.k}, mask={cfg.mask_token}, world={world}, "
               f"resume_step={state['step']}", flush=True)
 
+    earlier = _earlier_training(cfg.draft)
+
     def export():
-        save_draft(model, out, cfg.draft, cfg.mask_token, cfg.k, rope,
-                   extra={"pard_train": {"step": state["step"], "train_seconds": round(state["train_seconds"], 1),
-                                         "layer_ids": _layer_ids(cfg)}})
+        record = {"step": state["step"], "train_seconds": round(state["train_seconds"], 1),
+                  "layer_ids": _layer_ids(cfg)}
+        if earlier:
+            record["continued_from"] = earlier
+        save_draft(model, out, cfg.draft, cfg.mask_token, cfg.k, rope, extra={"pard_train": record})
 
     def checkpoint():
         export()
