@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return _prepare(args)
     if args.cmd == "serve":
         return _serve(args, extra)
-    if args.cmd in ("distill", "train", "export-draft"):
+    if hasattr(args, "run"):  # the training commands (pard_vllm.training.cli)
         return args.run(args)
     return _demo(args)
 

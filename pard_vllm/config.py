@@ -176,7 +176,7 @@ def resolve_pard_config(spec: dict[str, Any]) -> tuple[dict[str, Any], PardOptio
             raise PardConfigError(f"pard_token {mask} of '{model}' is outside its vocabulary (size {vocab}); fix config.json")
         opts = opts.model_copy(update={"mask_token_id": mask,
                                        "draft_vocab_size": vocab if isinstance(vocab, int) else None,
-                                       "head_vocab_ids": _resolve_head_vocab(opts, local, vocab)})
+                                       "head_vocab_ids": _resolve_head_vocab(opts, local)})
     else:
         raise PardConfigError(
             f"cannot read config.json of draft '{model}' (not a local folder, not in the Hugging Face "
@@ -205,7 +205,7 @@ def resolve_pard_config(spec: dict[str, Any]) -> tuple[dict[str, Any], PardOptio
     return vllm_kwargs, opts
 
 
-def _resolve_head_vocab(opts: PardOptions, folder: Path, vocab) -> tuple[int, ...] | None:
+def _resolve_head_vocab(opts: PardOptions, folder: Path) -> tuple[int, ...] | None:
     """The subset ids the draft's logits are computed over, or None (full head)."""
     from pard_vllm.head_vocab import HEAD_VOCAB_FILE, read_head_vocab
 
@@ -221,11 +221,7 @@ def _resolve_head_vocab(opts: PardOptions, folder: Path, vocab) -> tuple[int, ..
     if opts.head_vocab is not None and opts.head_vocab > len(ids):
         raise PardConfigError(f"head_vocab {opts.head_vocab} exceeds the {len(ids)} ids in {folder / HEAD_VOCAB_FILE}; "
                               f"use at most {len(ids)} (or 0 for the full output layer)")
-    ids = ids[: opts.head_vocab or len(ids)]
-    if isinstance(vocab, int) and not all(0 <= t < vocab for t in ids):
-        raise PardConfigError(f"{folder / HEAD_VOCAB_FILE} has ids outside the vocabulary (size {vocab}); "
-                              "rebuild it with `pard-vllm head-vocab`")
-    return tuple(ids)
+    return tuple(ids[: opts.head_vocab or len(ids)])  # range-checked in check_vocab_size
 
 
 def check_vocab_size(target_vocab_size: int, options: PardOptions) -> None:
@@ -234,6 +230,11 @@ def check_vocab_size(target_vocab_size: int, options: PardOptions) -> None:
         raise PardConfigError(
             f"draft '{options.model}' has vocabulary size {options.draft_vocab_size} but the target "
             f"has {target_vocab_size}; use a draft from the same model family (same tokenizer)")
+    ids = options.head_vocab_ids or ()
+    if ids and not all(0 <= t < target_vocab_size for t in ids):
+        raise PardConfigError(
+            f"pard_head_vocab.json of '{options.model}' has ids outside the vocabulary (size {target_vocab_size}); "
+            "rebuild it with `pard-vllm head-vocab`")
 
 
 def check_same_vocabulary(target_model_config, draft_model_config, draft: str) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import draft_variant
-from pard_vllm.config import PardConfigError, resolve_pard_config
+from pard_vllm.config import PardConfigError, check_vocab_size, resolve_pard_config
 from pard_vllm.head_vocab import HEAD_VOCAB_FILE, SubsetHead, rank_ids, read_head_vocab, write_head_vocab
 
 
@@ -100,11 +100,30 @@ def test_head_vocab_ids_outside_vocab(embedded, tmp_path):
     data = json.loads(path.read_text())
     data["ids"] = [1, 10**6]
     path.write_text(json.dumps(data))
+    _, opts = resolve_pard_config({"method": "pard", "model": draft, "num_speculative_tokens": 4})
     with pytest.raises(PardConfigError, match="outside the vocabulary"):
-        resolve_pard_config({"method": "pard", "model": draft, "num_speculative_tokens": 4})
+        check_vocab_size(49152, opts)
 
 
 def test_free_places_go_to_frequent_alternatives():
     ids, coverage = rank_ids([[4, 4, 6]], size=4, candidates=[[8, 9, 9], [9, 4]])
     assert ids == [4, 6, 9, 8]
     assert coverage == 1.0
+
+
+def test_head_vocab_command_writes_a_servable_subset(embedded, tmp_path):
+    from pard_vllm.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shard = {"prompt_ids": [torch.tensor([1, 2], dtype=torch.int32)] * 2,
+             "response_ids": [torch.tensor([40, 41, 40], dtype=torch.int32), torch.tensor([42, 40], dtype=torch.int32)],
+             "topk_ids": [torch.tensor([[40, 50], [41, 50], [40, 51]], dtype=torch.int32),
+                          torch.tensor([[42, 50], [40, 52]], dtype=torch.int32)],
+             "topk_logprobs": [torch.zeros(3, 2), torch.zeros(2, 2)]}
+    torch.save(shard, data / "greedy-shard-00000.pt")
+    draft = _with_head_vocab(embedded, tmp_path, None)
+    assert main(["head-vocab", "--data", str(data), "--draft", draft, "--size", "5"]) == 0
+    assert read_head_vocab(draft) == [40, 41, 42, 50, 2]  # answers, then alternatives, eos always
+    spec = {"method": "pard", "model": draft, "num_speculative_tokens": 4}
+    assert resolve_pard_config(spec)[1].head_vocab_ids == (40, 41, 42, 50, 2)

@@ -43,6 +43,10 @@ def test_prepare_builds_the_trained_draft(embedded):
     assert (draft / "tokenizer.json").read_bytes() == (target / "tokenizer.json").read_bytes()
     # a re-export of the shipped weights changes the stamp, so caches rebuild
     assert json.loads((draft / "pard_vllm_recipe.json").read_text()) == _draft_stamp()
+    # the shipped head vocabulary (pard_vllm.head_vocab) travels with it, unchanged
+    head = SHIPPED_DRAFT / "pard_head_vocab.json"
+    assert head.is_file() and cfg["pard_head_vocab"] == len(json.loads(head.read_text())["ids"])
+    assert (draft / head.name).read_bytes() == head.read_bytes()
 
 
 def test_built_draft_loads_in_transformers_with_tied_head(embedded):

@@ -83,8 +83,8 @@ def train_command(config: dict) -> str:
         if action.dest in ("draft", "target") and str(value).startswith(str(cache_dir())):
             if Path(value).name == TARGET_NAME:
                 continue  # the embedded target: the default
-            # another cached model (e.g. the previously shipped draft, as `pard-vllm prepare` builds it)
-            value = "~/.cache/pard-vllm/" + Path(value).name
+            # another cached model (e.g. the previously shipped draft, as `pard-vllm prepare` builds
+            # it): kept as is, the path `pard-vllm prepare --json` prints on a default setup
         if value == action.default or value is None:
             continue
         flag = max(action.option_strings, key=len)
@@ -124,6 +124,8 @@ def export_draft(draft: str, out: str, target: str | None = None, command: str |
         raise SystemExit(f"error: {size / 2**20:.1f} MiB exported, over the {MAX_BYTES // 2**20} MiB limit")
     train = dict(cfg.get("pard_train", {}))
     train.update(_train_record(src))
+    if train.get("layer_ids") is None and train.get("continued_from"):  # continued runs keep all layers
+        train["layer_ids"] = train["continued_from"].get("layer_ids")
     cfg.pop("torch_dtype", None)
     cfg.update(dtype="bfloat16", pard_train=train, pard_export={
         "embeddings": "not shipped: the target's model.embed_tokens.weight, tied (equal at export)",

@@ -213,7 +213,7 @@ def train(cfg: TrainConfig) -> dict:
 
     def export():
         record = {"step": state["step"], "train_seconds": round(state["train_seconds"], 1),
-                  "layer_ids": _layer_ids(cfg)}
+                  "layer_ids": _layer_ids(cfg) or (earlier or {}).get("layer_ids")}
         if earlier:
             record["continued_from"] = earlier
         save_draft(model, out, cfg.draft, cfg.mask_token, cfg.k, rope, extra={"pard_train": record})
