@@ -10,7 +10,8 @@ minutes earlier on the same machine, never against a number from elsewhere.
         --batch-sizes 1,4 --temperatures 0 --num-prompts 8 --max-tokens 128 --out DIR
     .venv/bin/python benchmarks/spec_bench.py --preset quick --online --out DIR
 
-Methods (``NAME@K`` runs one at its own K, e.g. ``vllm_parallel@2``): ar, vsd
+Methods (``NAME@K`` runs one at its own K, e.g. ``vllm_parallel@2``; ``NAME@K:DIR``
+also with its own draft, e.g. ``pard@4:runs/pard-4l``): ar, vsd
 (vLLM draft_model: the draft drafts autoregressively), vllm_parallel
 (vLLM's native parallel drafting with the same draft), pard (this plugin), ngram
 (prompt lookup), suffix (only where arctic-inference is installed). Datasets:
@@ -92,8 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def resolve_models(args) -> None:
     if args.target and args.draft:
         return
-    needs_draft = any(m.partition("@")[0] in ("vsd", "vllm_parallel", "pard", "pard_fullhead",
-                                              "pard_adaptive", "pard_confidence") for m in args.methods)
+    drafted = ("vsd", "vllm_parallel", "pard", "pard_fullhead", "pard_adaptive", "pard_confidence")
+    needs_draft = any(m.partition(":")[0].partition("@")[0] in drafted for m in args.methods)
     if args.target is None or (args.draft is None and needs_draft):
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from pard_vllm.prepare import prepare

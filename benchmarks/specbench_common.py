@@ -23,16 +23,27 @@ PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
 
 def split_method(method: str, k: int) -> tuple[str, int]:
     """``"vllm_parallel@2"`` -> ("vllm_parallel", 2): a method at its own K, so
-    one run can compare fixed-K baselines at several K (the best fixed K)."""
-    name, _, own_k = method.partition("@")
+    one run can compare fixed-K baselines at several K (the best fixed K).
+    A ``:DRAFT`` suffix (``pard@4:runs/pard-4l``, see ``method_draft``) is ignored here."""
+    name, _, own_k = method.partition(":")[0].partition("@")
     if own_k and not (own_k.isdigit() and int(own_k) >= 1):
         raise SystemExit(f"error: '{method}': the K after '@' must be a positive integer, e.g. {name}@4")
     return name, int(own_k) if own_k else k
 
 
+def method_draft(method: str, draft: str) -> str:
+    """The draft a method runs with: its own after ``:`` (``pard@4:runs/pard-4l``),
+    else ``--draft``. Lets one run compare drafts (e.g. 2, 4 and 6 layers) side by side."""
+    own = method.partition(":")[2]
+    if own and not os.path.isdir(own):
+        raise SystemExit(f"error: '{method}': draft folder '{own}' does not exist")
+    return own or draft
+
+
 def method_spec(method: str, draft: str, k: int) -> dict | None:
     """The ``speculative_config`` of a method (None: plain autoregressive
-    decoding). ``method`` may carry its own K: ``pard@4``."""
+    decoding). ``method`` may carry its own K and draft: ``pard@4:DIR``."""
+    draft = method_draft(method, draft)
     method, k = split_method(method, k)
     if method == "ar":
         return None
@@ -61,7 +72,7 @@ def method_spec(method: str, draft: str, k: int) -> dict | None:
 def unsupported_reason(method: str) -> str | None:
     """Why a method cannot run here (None: it can). vLLM's suffix decoding lives
     in the arctic-inference package; without it vLLM refuses the config."""
-    method = method.partition("@")[0]
+    method = method.partition(":")[0].partition("@")[0]
     if method == "suffix" and importlib.util.find_spec("arctic_inference") is None:
         return ("vLLM's suffix decoding needs the arctic-inference package, which is not "
                 "installed in this environment")

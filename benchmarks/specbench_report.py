@@ -28,7 +28,7 @@ def _f(x, fmt="{:.2f}", none="-"):
 
 def method_rank(method: str) -> tuple[int, str]:
     """Table/legend order: the methods' fixed order, ``name@K`` variants after their name."""
-    name = method.partition("@")[0]
+    name = method.partition(":")[0].partition("@")[0]
     return (METHOD_ORDER.index(name) if name in METHOD_ORDER else 99, method)
 
 

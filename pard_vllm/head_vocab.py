@@ -103,7 +103,9 @@ class SubsetHead:
     """Logits over the subset rows of a vLLM model's output layer.
 
     Built once after the draft's weights load (it copies the rows, so the
-    matrix the forward reads is small and contiguous). ``scale`` and
+    matrix the forward reads is small and contiguous). The copy cannot go
+    stale in vLLM 0.32: its in-place ``reload_weights`` reloads the target
+    only, never the drafter; a vLLM that reloads drafters must rebuild this. ``scale`` and
     ``soft_cap`` follow vLLM's LogitsProcessor so logits equal the full ones
     at the kept ids.
     """

@@ -25,6 +25,7 @@ def _generate(target, spec=None, dtype="float32", logprobs=None):
         outs = chat(llm, TEST_PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
                                                       logprobs=logprobs))
         metrics = {m.name: m for m in llm.get_metrics()} if spec else {}
+        metrics["prompt_token_ids"] = [o.prompt_token_ids for o in outs]  # for the offline-tau replay
         return [o.outputs[0] for o in outs], metrics
     finally:
         shutdown(llm)
@@ -70,6 +71,32 @@ def test_small_head_vocab_stays_lossless(embedded, fp32_runs, tmp_path):
     drafted_ids = set(ids)
     outside = sum(t not in drafted_ids for o in plain for t in o.token_ids)
     assert outside > 0, "the test needs answer tokens outside the head vocabulary"
+
+
+def test_offline_tau_replays_vllms_acceptance(embedded, fp32_runs):
+    """The engine-free tau of training/offline_tau.py (one PARD-layout forward of
+    the plain answers + the greedy accept/reject walk) counts the same drafts and
+    accepted tokens per position as vLLM's own counters: the serving path
+    (mask layout, KV rollback, head vocabulary) is exactly what training assumes."""
+    import torch
+
+    from pard_vllm.training.data import Doc
+    from pard_vllm.training.offline_tau import load_for_eval, offline_tau
+
+    plain, _, metrics = fp32_runs
+    model, mask, head_ids = load_for_eval(embedded["draft"])
+    assert head_ids is not None, "the embedded draft ships a head vocabulary"
+    docs = [Doc(torch.tensor(list(p) + list(o.token_ids)), len(p))
+            for p, o in zip(metrics["prompt_token_ids"], plain)]
+    res = offline_tau(model, docs, k=8, mask_token=mask, max_new=MAX_TOKENS, head_ids=head_ids)
+    drafts = metrics["vllm:spec_decode_num_drafts"].value
+    accepted = metrics["vllm:spec_decode_num_accepted_tokens_per_pos"].values
+    print(f"\noffline: drafts {res['drafts']}, tau {res['tau']:.4f}; vLLM: drafts {drafts}, "
+          f"tau {1 + sum(accepted) / drafts:.4f}")
+    assert abs(res["drafts"] - drafts) <= 0.01 * drafts
+    offline = [round(a * res["drafts"]) for a in res["acceptance_per_pos"]]
+    assert sum(abs(x - y) for x, y in zip(offline, accepted)) <= max(2, 0.02 * sum(accepted))
+    assert sum(accepted) > 0
 
 
 def test_bf16_divergences_are_near_ties(embedded, record_property):

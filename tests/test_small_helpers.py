@@ -39,6 +39,14 @@ def test_method_names_may_carry_their_own_k():
         method_spec("eagle@2", "d", 8)
 
 
+def test_method_names_may_carry_their_own_draft(tmp_path):
+    spec = method_spec(f"pard@4:{tmp_path}", "d", 8)
+    assert spec == {"method": "pard", "model": str(tmp_path), "num_speculative_tokens": 4}
+    assert method_spec(f"vsd:{tmp_path}", "d", 8)["num_speculative_tokens"] == 8
+    with pytest.raises(SystemExit, match="does not exist"):
+        method_spec(f"pard@4:{tmp_path}/missing", "d", 8)
+
+
 def test_heap_trimmer_every_n_steps_and_switch(monkeypatch):
     from pard_vllm.allocator import DEFAULT_TRIM_STEPS, HeapTrimmer
 

@@ -94,6 +94,9 @@ def add_training_commands(sub) -> None:
                    help="measure tau with vLLM every N minutes (0 = never; see --eval-prompts)")
     t.add_argument("--eval-prompts", help="held-out prompts for the tau curve")
     t.add_argument("--eval-n", type=int, default=20)
+    t.add_argument("--heldout-data", help="held-out answers from `pard-vllm distill` (prompts never trained "
+                   "on): engine-free tau at every checkpoint, appended to OUT/curve.jsonl")
+    t.add_argument("--heldout-n", type=int, default=20)
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if present")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")

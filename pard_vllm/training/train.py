@@ -62,6 +62,8 @@ class TrainConfig:
     eval_every_min: float = 0.0
     eval_prompts: str | None = None
     eval_n: int = 20
+    heldout_data: str | None = None  # distilled held-out answers: offline tau at every checkpoint
+    heldout_n: int = 20
     resume: bool = False
     seed: int = 0
     threads: int = 0
@@ -218,8 +220,30 @@ def train(cfg: TrainConfig) -> dict:
             record["continued_from"] = earlier
         save_draft(model, out, cfg.draft, cfg.mask_token, cfg.k, rope, extra={"pard_train": record})
 
+    heldout = None
+    if main_proc and cfg.heldout_data:
+        from pard_vllm.training.offline_tau import heldout_docs
+
+        heldout = heldout_docs(cfg.heldout_data, cfg.heldout_n)
+
+    def offline_eval():
+        """Engine-free tau on held-out answers (offline_tau.py): cheap enough for every checkpoint."""
+        from pard_vllm.training.offline_tau import offline_tau
+
+        model.eval()
+        try:
+            res = offline_tau(model, heldout, cfg.k, cfg.mask_token)
+        finally:
+            model.train()
+        row = {"step": state["step"], "train_hours": round(state["train_seconds"] / 3600, 4),
+               "real_tokens": state["real_tokens"], "kind": "offline", **res}
+        with open(curve_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
     def checkpoint():
         export()
+        if heldout:
+            offline_eval()
         _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                       "state": dict(state), "gen": step_mod.gen.get_state(), "config": asdict(cfg)}, ckpt_path)
 
@@ -234,6 +258,8 @@ def train(cfg: TrainConfig) -> dict:
         print(f"eval: step {state['step']} tau={res.get('tau')} {res.get('error', '')[-300:]}", flush=True)
 
     do_eval = main_proc and cfg.eval_every_min > 0 and cfg.eval_prompts
+    if heldout and state["step"] == 0:
+        offline_eval()
     if do_eval and state["step"] == 0:
         export()
         evaluate()

@@ -1,0 +1,135 @@
+"""Greedy tau of a draft replayed on held-out target answers, with no engine ("offline tau").
+
+Under greedy decoding the target's output does not depend on the draft: it is the
+distilled answer. So the accept/reject walk of speculative decoding can be replayed on
+it. One forward of the answer's full PARD layout (K blocks, no conditional drop) gives
+every guess the draft would ever make: the packed token (b, a+b) sees x[0..a] plus b
+masks, exactly what the serving draft sees when it proposes from anchor a, so
+``guess[a, b]`` is its proposal for x[a+b+1]. The walk then starts where vLLM's first
+draft starts (the anchor is the first answer token, which the target's prefill wrote)
+and moves on by ``accepted + 1`` per step.
+
+Worked example, K = 3, answer x5..x12 after a 5-token prompt (anchor 5 = x5):
+
+    step 1: guesses for x6, x7, x8 = [x6, x7, zz]  -> 2 accepted, next anchor 5 + 3 = 8
+    step 2: guesses for x9, x10, x11 = [yy, ...]   -> 0 accepted, next anchor 9
+    tau = (3 + 1) / 2 = 2.0; per position p1 = 2/2, p2 = 1/2, p3 = 0
+
+Why it exists: vLLM's tau (``evaluate.py``) is the number users get, but it costs an
+engine start and minutes per point; this costs one draft forward per answer, so the
+trainer can log it at every checkpoint (a dense tau curve) and ablations can compare
+drafts at equal steps without engine noise. The two agree when the serving path is
+right (tests/test_offline_tau.py checks that on the embedded draft), which also makes
+this a check of the serving path.
+
+    python -m pard_vllm.training.offline_tau --draft runs/pard-2l --data runs/data/eval-greedy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+@torch.no_grad()
+def draft_guesses(model, tokens: torch.Tensor, k: int, mask_token: int, head_ids: torch.Tensor | None = None,
+                  last_anchor: int | None = None) -> torch.Tensor:
+    """``[L, k]`` greedy guesses: row a, column b = the draft's token for x[a+b+1] from anchor a
+    (-1 where a+b runs past the answer or past ``last_anchor + b``)."""
+    from pard_vllm.kernels import pard_layout
+    from pard_vllm.training.model import PardLayout
+
+    L = tokens.numel()
+    blocks, pos = pard_layout(L, k, cod_r=None)
+    keep = pos >= blocks
+    if last_anchor is not None:
+        keep &= pos - blocks <= last_anchor
+    blocks, pos = blocks[keep], pos[keep]
+    ids = torch.where(blocks == 0, tokens[pos], torch.full_like(pos, mask_token))
+    layout = PardLayout(blocks[None], pos[None], torch.zeros_like(pos)[None])
+    hidden = model.model(input_ids=ids[None], position_ids=pos[None], pard_layout=layout,
+                         use_cache=False).last_hidden_state[0]
+    weight = model.get_output_embeddings().weight
+    if head_ids is not None:
+        guess = head_ids[(hidden @ weight[head_ids].T).argmax(-1)]
+    else:
+        guess = (hidden @ weight.T).argmax(-1)
+    out = torch.full((L, k), -1, dtype=torch.long)
+    out[pos - blocks, blocks] = guess
+    return out
+
+
+def replay(guesses: torch.Tensor, tokens: torch.Tensor, start: int, max_new: int) -> dict:
+    """The greedy accept/reject walk from anchor ``start`` for ``max_new`` output tokens."""
+    L, k = guesses.shape
+    a, drafts, per_pos = start, 0, [0] * k
+    while a < L - 1 and a - start + 1 < max_new:
+        n = 0
+        while n < k and a + n + 1 < L and int(guesses[a, n]) == int(tokens[a + n + 1]):
+            per_pos[n] += 1
+            n += 1
+        drafts += 1
+        a += n + 1
+    return {"drafts": drafts, "accepted": sum(per_pos), "per_pos": per_pos}
+
+
+def offline_tau(model, docs: list, k: int = 8, mask_token: int = 16, max_new: int = 128,
+                head_ids: torch.Tensor | None = None) -> dict:
+    """Pooled tau over documents (``data.Doc``: prompt + answer), as vLLM pools its counters."""
+    drafts, per_pos = 0, [0] * k
+    for d in docs:
+        last = min(d.tokens.numel() - 1, d.loss_from + max_new)
+        g = draft_guesses(model, d.tokens[: last + 1], k, mask_token, head_ids)
+        r = replay(g, d.tokens[: last + 1], d.loss_from, max_new)
+        drafts += r["drafts"]
+        per_pos = [x + y for x, y in zip(per_pos, r["per_pos"])]
+    return {"tau": 1 + sum(per_pos) / max(1, drafts), "k": k, "drafts": drafts, "docs": len(docs),
+            "acceptance_per_pos": [x / max(1, drafts) for x in per_pos]}
+
+
+def heldout_docs(data: str, n: int | None = None) -> list:
+    """Answers whose prompt ends in the first token the target wrote (``Doc.loss_from``)."""
+    from pard_vllm.training.data import make_docs
+    from pard_vllm.training.distill import load_shards
+
+    docs = make_docs(load_shards(data), seq_len=1 << 16)
+    return docs[:n] if n else docs
+
+
+def load_for_eval(draft: str, head_vocab: str = "draft"):
+    """The draft (fp32, its own config's pard_token) and its head ids (None = full output layer)."""
+    from pard_vllm.head_vocab import read_head_vocab
+    from pard_vllm.training.model import load_draft, set_pard_attention
+
+    model = load_draft(draft).eval()
+    set_pard_attention(model)
+    cfg = json.loads((Path(draft) / "config.json").read_text())
+    ids = read_head_vocab(draft) if head_vocab == "draft" else None
+    return model, int(cfg.get("pard_token", 16)), (torch.tensor(ids) if ids else None)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--draft", required=True, help="a full draft folder (e.g. runs/pard-2l, or the one "
+                    "`pard-vllm prepare --json` prints as draft)")
+    ap.add_argument("--data", required=True, help="held-out answers written by `pard-vllm distill` (greedy)")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--n", type=int, help="only the first N answers")
+    ap.add_argument("--max-tokens", type=int, default=128, help="output tokens per answer, as in evaluate.py")
+    ap.add_argument("--head-vocab", choices=["draft", "full"], default="draft")
+    ap.add_argument("--json-out")
+    args = ap.parse_args(argv)
+    model, mask, ids = load_for_eval(args.draft, args.head_vocab)
+    res = offline_tau(model, heldout_docs(args.data, args.n), args.k, mask, args.max_tokens, ids)
+    res.update(draft=args.draft, data=args.data, head_vocab=args.head_vocab if ids is not None else "full")
+    print(json.dumps(res))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
