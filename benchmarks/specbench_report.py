@@ -150,7 +150,8 @@ def write_report(out: Path, run: dict, records: list[dict]) -> None:
           f"- command: `{run['command']}`",
           f"- vLLM {run['vllm_version']}, torch {run['torch_version']}, {run['cpu_model']} "
           f"({run['cpu_count']} CPUs), {run['date']}",
-          f"- target `{run['target']}`, draft `{run['draft']}`, K={run['k']}, dtype {run['dtype']}, "
+          f"- target `{run['target']}`, draft `{run['draft']}` (methods written `NAME@K:DIR` use DIR), "
+          f"K={run['k']}, dtype {run['dtype']}, "
           f"{'compiled' if run['compile'] else 'eager'}, max_tokens {run['max_tokens']}",
           f"- batching: {run['batching']}",
           f"- wall time {run['wall_s']:.0f} s; load average at start {run['loadavg_start'][0]:.1f}, "
