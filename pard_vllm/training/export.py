@@ -124,8 +124,10 @@ def export_draft(draft: str, out: str, target: str | None = None, command: str |
         raise SystemExit(f"error: {size / 2**20:.1f} MiB exported, over the {MAX_BYTES // 2**20} MiB limit")
     train = dict(cfg.get("pard_train", {}))
     train.update(_train_record(src))
-    if train.get("layer_ids") is None and train.get("continued_from"):  # continued runs keep all layers
-        train["layer_ids"] = train["continued_from"].get("layer_ids")
+    earlier = train.get("continued_from")
+    while train.get("layer_ids") is None and earlier:  # continued runs keep all layers of the first cut
+        train["layer_ids"] = earlier.get("layer_ids")
+        earlier = earlier.get("continued_from")
     cfg.pop("torch_dtype", None)
     cfg.update(dtype="bfloat16", pard_train=train, pard_export={
         "embeddings": "not shipped: the target's model.embed_tokens.weight, tied (equal at export)",
