@@ -21,6 +21,11 @@ SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_toke
 PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
 
 
+def base_name(method: str) -> str:
+    """``"pard@4:runs/pard-4l"`` -> "pard": the method without its own K or draft."""
+    return method.partition(":")[0].partition("@")[0]
+
+
 def split_method(method: str, k: int) -> tuple[str, int]:
     """``"vllm_parallel@2"`` -> ("vllm_parallel", 2): a method at its own K, so
     one run can compare fixed-K baselines at several K (the best fixed K).
@@ -72,7 +77,7 @@ def method_spec(method: str, draft: str, k: int) -> dict | None:
 def unsupported_reason(method: str) -> str | None:
     """Why a method cannot run here (None: it can). vLLM's suffix decoding lives
     in the arctic-inference package; without it vLLM refuses the config."""
-    method = method.partition(":")[0].partition("@")[0]
+    method = base_name(method)
     if method == "suffix" and importlib.util.find_spec("arctic_inference") is None:
         return ("vLLM's suffix decoding needs the arctic-inference package, which is not "
                 "installed in this environment")

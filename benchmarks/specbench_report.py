@@ -13,8 +13,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-METHOD_ORDER = ("ar", "vsd", "vllm_parallel", "pard", "pard_fullhead", "pard_adaptive", "pard_confidence",
-                "ngram", "suffix")
+from specbench_common import METHODS as METHOD_ORDER, base_name
+
 #: One colour per method in every plot, so the two figures read together
 #: (a method at its own K, ``name@K``, gets matplotlib's next free colour).
 COLORS = {"ar": "tab:gray", "vsd": "tab:orange", "vllm_parallel": "tab:green", "pard": "tab:red",
@@ -28,7 +28,7 @@ def _f(x, fmt="{:.2f}", none="-"):
 
 def method_rank(method: str) -> tuple[int, str]:
     """Table/legend order: the methods' fixed order, ``name@K`` variants after their name."""
-    name = method.partition(":")[0].partition("@")[0]
+    name = base_name(method)
     return (METHOD_ORDER.index(name) if name in METHOD_ORDER else 99, method)
 
 

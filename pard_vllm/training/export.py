@@ -64,6 +64,14 @@ def _train_record(src: Path) -> dict:
     return rec
 
 
+def inherited_layer_ids(record: dict | None) -> list[int] | None:
+    """The target layers a continued draft was first cut from: continued runs keep all
+    layers, so the ids live in the earliest ``pard_train`` record of the chain that has them."""
+    while record and record.get("layer_ids") is None:
+        record = record.get("continued_from")
+    return record.get("layer_ids") if record else None
+
+
 def train_command(config: dict) -> str:
     """``pard-vllm train`` flags that differ from the CLI defaults (the embedded target
     path is left out: it is the default ``--draft``)."""
@@ -124,10 +132,8 @@ def export_draft(draft: str, out: str, target: str | None = None, command: str |
         raise SystemExit(f"error: {size / 2**20:.1f} MiB exported, over the {MAX_BYTES // 2**20} MiB limit")
     train = dict(cfg.get("pard_train", {}))
     train.update(_train_record(src))
-    earlier = train.get("continued_from")
-    while train.get("layer_ids") is None and earlier:  # continued runs keep all layers of the first cut
-        train["layer_ids"] = earlier.get("layer_ids")
-        earlier = earlier.get("continued_from")
+    if train.get("layer_ids") is None:
+        train["layer_ids"] = inherited_layer_ids(train.get("continued_from"))
     cfg.pop("torch_dtype", None)
     cfg.update(dtype="bfloat16", pard_train=train, pard_export={
         "embeddings": "not shipped: the target's model.embed_tokens.weight, tied (equal at export)",

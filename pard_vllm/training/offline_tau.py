@@ -19,7 +19,7 @@ Why it exists: vLLM's tau (``evaluate.py``) is the number users get, but it cost
 engine start and minutes per point; this costs one draft forward per answer, so the
 trainer can log it at every checkpoint (a dense tau curve) and ablations can compare
 drafts at equal steps without engine noise. The two agree when the serving path is
-right (tests/test_offline_tau.py checks that on the embedded draft), which also makes
+right (tests/test_e2e_offline.py checks that on the embedded draft), which also makes
 this a check of the serving path.
 
     python -m pard_vllm.training.offline_tau --draft runs/pard-2l --data runs/data/eval-greedy
@@ -35,18 +35,16 @@ import torch
 
 
 @torch.no_grad()
-def draft_guesses(model, tokens: torch.Tensor, k: int, mask_token: int, head_ids: torch.Tensor | None = None,
-                  last_anchor: int | None = None) -> torch.Tensor:
+def draft_guesses(model, tokens: torch.Tensor, k: int, mask_token: int,
+                  head_ids: torch.Tensor | None = None) -> torch.Tensor:
     """``[L, k]`` greedy guesses: row a, column b = the draft's token for x[a+b+1] from anchor a
-    (-1 where a+b runs past the answer or past ``last_anchor + b``)."""
+    (-1 where a+b runs past the answer)."""
     from pard_vllm.kernels import pard_layout
     from pard_vllm.training.model import PardLayout
 
     L = tokens.numel()
     blocks, pos = pard_layout(L, k, cod_r=None)
     keep = pos >= blocks
-    if last_anchor is not None:
-        keep &= pos - blocks <= last_anchor
     blocks, pos = blocks[keep], pos[keep]
     ids = torch.where(blocks == 0, tokens[pos], torch.full_like(pos, mask_token))
     layout = PardLayout(blocks[None], pos[None], torch.zeros_like(pos)[None])

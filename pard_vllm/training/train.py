@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from pard_vllm.training import data as D
+from pard_vllm.training.export import inherited_layer_ids
 from pard_vllm.training.losses import head_and_loss
 from pard_vllm.training.model import PardLayout, load_draft, rope_theta_of, save_draft, set_pard_attention
 
@@ -215,7 +216,7 @@ def train(cfg: TrainConfig) -> dict:
 
     def export():
         record = {"step": state["step"], "train_seconds": round(state["train_seconds"], 1),
-                  "layer_ids": _layer_ids(cfg) or (earlier or {}).get("layer_ids")}
+                  "layer_ids": _layer_ids(cfg) or inherited_layer_ids(earlier)}
         if earlier:
             record["continued_from"] = earlier
         save_draft(model, out, cfg.draft, cfg.mask_token, cfg.k, rope, extra={"pard_train": record})
