@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from pard_vllm.training.offline_tau import draft_guesses, replay
+from pathlib import Path
+
+import pytest
+
+import pard_vllm
+
+from pard_vllm.training.offline_tau import draft_guesses, load_for_eval, replay
 
 
 def test_replay_walks_the_docstring_example():
@@ -50,3 +56,11 @@ def test_guess_table_equals_causal_forwards_of_prefix_plus_masks(embedded):
                 h = ref.model(input_ids=ids[None]).last_hidden_state[0, -1]
                 assert int(got[a, b]) == int((weight @ h).argmax())
                 assert int(got_sub[a, b]) == int(head[(weight[head] @ h).argmax()])
+
+
+def test_drafts_it_cannot_evaluate_get_one_line_errors(tmp_path):
+    with pytest.raises(SystemExit, match="not a draft folder"):
+        load_for_eval(str(tmp_path / "missing"))
+    # the repository's weights-only export has no embeddings: a random table would be read silently
+    with pytest.raises(SystemExit, match="without embeddings"):
+        load_for_eval(str(Path(pard_vllm.__file__).parent / "drafts" / "smollm2-135m-pard"))

@@ -99,9 +99,22 @@ def heldout_docs(data: str, n: int | None = None) -> list:
 
 def load_for_eval(draft: str, head_vocab: str = "draft"):
     """The draft (fp32, its own config's pard_token) and its head ids (None = full output layer)."""
+    from safetensors import safe_open
+
     from pard_vllm.head_vocab import read_head_vocab
     from pard_vllm.training.model import load_draft, set_pard_attention
 
+    weights = sorted(Path(draft).glob("*.safetensors"))
+    if not (Path(draft) / "config.json").is_file() or not weights:
+        raise SystemExit(f"error: '{draft}' is not a draft folder (config.json + *.safetensors); "
+                         "pass a training output or the draft `pard-vllm prepare --json` prints")
+    def has_embeddings(path) -> bool:
+        with safe_open(str(path), "pt") as f:
+            return "model.embed_tokens.weight" in f.keys()
+
+    if not any(has_embeddings(w) for w in weights):
+        raise SystemExit(f"error: '{draft}' ships without embeddings (weights-only export); pass the "
+                         "full draft `pard-vllm prepare --json` prints instead")
     model = load_draft(draft).eval()
     set_pard_attention(model)
     cfg = json.loads((Path(draft) / "config.json").read_text())
