@@ -33,6 +33,10 @@ class _NoBar:
     def update(self, n): pass
 
 
+def _number_or_auto(value: str):
+    return value if value == "auto" else float(value)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch-size", type=int, default=1)
@@ -40,6 +44,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--confidence", default=None,
+                    help='confidence_threshold of the adaptive run: "auto" or a number (default: none)')
     args = ap.parse_args()
 
     from pard_vllm.adaptive import GoodputController
@@ -54,10 +60,10 @@ def main() -> None:
         original_init(self, *a, **kw)
         controllers.append(self)
 
-    def observe_step(self, batch_size, tokens, k, seconds):
+    def observe_step(self, batch_size, tokens, k, seconds, verifying=None):
         steps[k].append(seconds)
         sequence.append(k)
-        original_observe(self, batch_size, tokens, k, seconds)
+        original_observe(self, batch_size, tokens, k, seconds, verifying)
 
     GoodputController.__init__, GoodputController.observe_step = init, observe_step
 
@@ -69,7 +75,8 @@ def main() -> None:
     for method in ("ar", "pard_adaptive"):
         spec = None if method == "ar" else {
             "method": "pard", "model": paths["draft"], "num_speculative_tokens": args.k,
-            "adaptive": "goodput"}
+            "adaptive": "goodput",
+            **({"confidence_threshold": _number_or_auto(args.confidence)} if args.confidence else {})}
         llm = make_engine(paths["target"], spec, engine_args)
         try:
             run_cell(llm, prompts[:args.batch_size], args.batch_size, 0, 16, _NoBar())  # warm-up

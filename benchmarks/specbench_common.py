@@ -63,9 +63,9 @@ def method_spec(method: str, draft: str, k: int) -> dict | None:
         return {"method": "pard", "model": draft, "num_speculative_tokens": k, "head_vocab": 0}
     if method == "pard_adaptive":  # K chosen per step by measured goodput (pard_vllm.adaptive)
         return {"method": "pard", "model": draft, "num_speculative_tokens": k, "adaptive": "goodput"}
-    if method == "pard_confidence":  # ... and each request's draft cut by the draft's confidence
+    if method == "pard_confidence":  # ... and each request's draft cut by its calibrated confidence
         return {"method": "pard", "model": draft, "num_speculative_tokens": k, "adaptive": "goodput",
-                "confidence_threshold": 0.1}
+                "confidence_threshold": "auto"}
     if method == "ngram":
         return {"method": "ngram", "num_speculative_tokens": k,
                 "prompt_lookup_max": 4, "prompt_lookup_min": 2}

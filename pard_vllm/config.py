@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -66,7 +66,10 @@ class PardOptions(BaseModel):
     idle_draft: Literal["skip", "forward"] = "skip"
     #: Per request: cut the draft where the running product of the draft's
     #: own token probabilities falls below this (sync scheduling only).
-    confidence_threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
+    #: "auto" (with adaptive "goodput"): the threshold follows the measured
+    #: cost of verifying a token, on calibrated confidences
+    #: (``pard_vllm.confidence_cut``).
+    confidence_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] | Literal["auto"] | None = None
     #: Draft logits over only the N most frequent target ids
     #: (``pard_vllm.head_vocab``): None = the draft's own subset file if it has
     #: one, 0 = the full output layer, N = the first N ids of that file.
@@ -120,6 +123,9 @@ def _format_validation_error(err: ValidationError) -> str:
     if loc == "num_speculative_tokens":
         return (f"num_speculative_tokens must be an integer from {MIN_K} to {MAX_K} "
                 f"(got {first.get('input')!r}); 8 is a good default for PARD")
+    if loc.startswith("confidence_threshold"):
+        return (f"confidence_threshold must be a number between 0 and 1 (exclusive) or \"auto\" "
+                f"(got {first.get('input')!r}); e.g. 0.1")
     if loc == "model" and first["type"] == "missing":
         return 'the pard speculative config needs "model": the path or hub id of a PARD draft'
     return f"invalid '{loc}' in the pard speculative config: {first['msg']}"
@@ -183,6 +189,10 @@ def resolve_pard_config(spec: dict[str, Any]) -> tuple[dict[str, Any], PardOptio
             f"cache); download it first (`hf download {model}`) or pass a local folder")
 
     vllm_kwargs = {k: v for k, v in spec.items() if k in PASSTHROUGH_KEYS}
+    if opts.confidence_threshold == "auto" and opts.adaptive != "goodput":
+        raise PardConfigError(
+            "\"confidence_threshold\": \"auto\" takes its threshold from the goodput controller; "
+            "add \"adaptive\": \"goodput\" or give a number, e.g. 0.1")
     if opts.adaptive == "goodput":
         if vllm_kwargs.get("num_speculative_tokens_per_batch_size"):
             raise PardConfigError(

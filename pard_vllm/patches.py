@@ -15,6 +15,8 @@ from typing import Any
 
 from vllm.logger import init_logger
 
+from pard_vllm.confidence_cut import THRESHOLD_ATTR
+
 # Under the "vllm" logger so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
 logger = init_logger("vllm.pard_vllm." + __name__.rsplit(".", 1)[-1])
 
@@ -298,6 +300,8 @@ class AdaptiveKPatch:
     scheduler already knows: each request's drafted/accepted counts (from the
     rejection sampler's results) and the wall time between scheduling steps
     against the tokens scheduled (the real cost of a step on this hardware).
+    Each scheduler output also carries the controller's cut threshold for the
+    drafter (``pard_vllm.confidence_cut``; read by ``CutThresholdPatch``).
     """
 
     @staticmethod
@@ -312,6 +316,7 @@ class AdaptiveKPatch:
                 original(self, vllm_config, *args, **kwargs)
                 self._pard_controller = None
                 self._pard_last_step = None
+                self._pard_k = (0, 0)  # K of the previous and of this step
                 spec = vllm_config.speculative_config
                 options = getattr(spec, OPTIONS_ATTR, None) if spec is not None else None
                 if options is None or options.adaptive != "goodput" or self.dynamic_sd_lookup is None:
@@ -336,10 +341,16 @@ class AdaptiveKPatch:
                 now = time.perf_counter()
                 if self._pard_last_step is not None:
                     started, step = self._pard_last_step
-                    controller.observe_step(*step, seconds=now - started)
+                    batch, tokens, k, verifying = step
+                    controller.observe_step(batch, tokens, k, seconds=now - started, verifying=verifying)
                 output = original(self, *args, **kwargs)
                 tokens = output.total_num_scheduled_tokens
-                step = (len(output.num_scheduled_tokens), tokens, output.num_spec_tokens_to_schedule)
+                step = (len(output.num_scheduled_tokens), tokens, output.num_spec_tokens_to_schedule,
+                        bool(output.scheduled_spec_decode_tokens))
+                self._pard_k = (self._pard_k[1], step[2])
+                # What a draft must be worth to be verified this step (used by
+                # the drafter only with "confidence_threshold": "auto").
+                setattr(output, THRESHOLD_ATTR, controller.cut_threshold(step[0], step[2]))
                 self._pard_last_step = (now, step) if tokens else None
                 if sum(controller.history.values()) >= 2000:
                     logger.info("pard-vllm adaptive: %s", controller.summary())
@@ -354,7 +365,11 @@ class AdaptiveKPatch:
                                          num_accepted_tokens, *args, **kwargs):
                 controller = getattr(self, "_pard_controller", None)
                 if controller is not None and num_draft_tokens:
-                    controller.observe_request(num_draft_tokens, num_accepted_tokens)
+                    # The drafts verified now were drafted at the previous step's K;
+                    # fewer arrived when the drafter cut them (or vLLM trimmed them).
+                    width = self._pard_k[0]
+                    controller.observe_request(num_draft_tokens, num_accepted_tokens,
+                                               width if width >= num_draft_tokens else None)
                 return original(self, spec_decoding_stats, num_draft_tokens,
                                 num_accepted_tokens, *args, **kwargs)
 
@@ -365,9 +380,36 @@ class AdaptiveKPatch:
         _wrap_once(Scheduler, "make_spec_decoding_stats", make_stats)
 
 
+class CutThresholdPatch:
+    """Wraps ``GPUModelRunner.propose_draft_token_ids`` (the CPU runner inherits it).
+
+    Why: with ``"confidence_threshold": "auto"`` the drafter cuts each
+    request's drafts at a threshold the scheduler's controller computes every
+    step, and the scheduler may be in another process (vLLM's CPU build always
+    runs the worker in its own). The scheduler output is what crosses over each
+    step, so the threshold rides on it and is handed to the drafter here.
+    """
+
+    @staticmethod
+    def apply() -> None:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        def make(original):
+            @functools.wraps(original)
+            def propose_draft_token_ids(self, scheduler_output, *args, **kwargs):
+                drafter = getattr(self, "drafter", None)
+                if hasattr(drafter, "cut_threshold"):
+                    drafter.cut_threshold = getattr(scheduler_output, THRESHOLD_ATTR, None)
+                return original(self, scheduler_output, *args, **kwargs)
+
+            return propose_draft_token_ids
+
+        _wrap_once(GPUModelRunner, "propose_draft_token_ids", make)
+
+
 ALL_PATCHES = (SpeculativeConfigPatch, DrafterPatch, SpeculativeConfigArgPatch,
                CpuExpandBatchToTokensPatch, CpuSeededChunkedPrefillPatch, ZeroDraftSamplePatch,
-               AdaptiveKPatch)
+               AdaptiveKPatch, CutThresholdPatch)
 
 
 def apply() -> None:

@@ -24,6 +24,8 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 from vllm.v1.spec_decode.utils import compute_new_slot_mapping, extend_all_queries_by_N
 
+from pard_vllm import confidence_cut
+from pard_vllm.adaptive import lengths_from_confidence
 from pard_vllm.allocator import HeapTrimmer
 from pard_vllm.config import PardOptions
 from pard_vllm.draft_batch import build_draft_batch
@@ -54,6 +56,11 @@ class PardProposer(DraftModelProposer):
                            "(start with --no-async-scheduling to use it)")
             self.confidence_threshold = None
         self._confidence: torch.Tensor | None = None
+        # "auto": the drafter's calibrated cut; the threshold arrives with each
+        # step's scheduler output (patches.CutThresholdPatch).
+        self._cut = confidence_cut.ConfidenceCut() if self.confidence_threshold == "auto" else None
+        self.cut_threshold: float | None = None
+        self._warned_no_cut = False
         # K = 0 steps skip the draft forward (pard_vllm.draft_catchup). Needs the
         # committed tokens on the host, which async scheduling does not keep.
         self.skip_idle_draft = (options is not None and options.idle_draft == "skip" and runner is not None
@@ -176,10 +183,14 @@ class PardProposer(DraftModelProposer):
     def propose(self, *args, **kwargs):
         """vLLM's propose; with ``confidence_threshold`` each request's drafts
         are cut where the running product of the draft's own probabilities
-        drops below it (ragged lists, which vLLM's sync scheduler accepts).
+        drops below it, or with "auto" where the calibrated estimate drops
+        below the controller's threshold (``pard_vllm.confidence_cut``);
+        ragged lists, which vLLM's sync scheduler accepts.
         A step with K = 0 runs no draft forward (``idle_draft: "skip"``)."""
         self._heap.step()
         call = inspect.signature(DraftModelProposer.propose).bind(self, *args, **kwargs).arguments
+        if self._cut is not None:
+            self._settle_cut(call)
         if call["num_speculative_tokens"] == 0 and self.skip_idle_draft:
             cad = call["common_attn_metadata"]
             first = self._first_positions(call["target_positions"], cad)
@@ -190,10 +201,32 @@ class PardProposer(DraftModelProposer):
         drafts = super().propose(*args, **kwargs)
         if self._confidence is None or drafts.shape[1] == 0:
             return drafts
-        from pard_vllm.adaptive import lengths_from_confidence
-
-        k = drafts.shape[1]
-        lengths = lengths_from_confidence(self._confidence.view(-1, k), self.confidence_threshold)
+        confidence = self._confidence.view(-1, drafts.shape[1])
         self._confidence = None
+        if self._cut is not None:
+            if self.cut_threshold is None:
+                if not self._warned_no_cut:
+                    logger.warning("PARD: no cut threshold from the scheduler (is adaptive \"goodput\" on?); "
+                                   "drafting without the confidence cut")
+                    self._warned_no_cut = True
+                return drafts
+            lengths = self._cut.lengths(self._req_ids(drafts.shape[0]), confidence, self.cut_threshold)
+        else:
+            lengths = lengths_from_confidence(confidence, self.confidence_threshold).tolist()
         rows = drafts.tolist()
-        return [row[:n] for row, n in zip(rows, lengths.tolist())]
+        return [row[:n] for row, n in zip(rows, lengths)]
+
+    def _req_ids(self, n: int) -> list[str]:
+        return self.runner.input_batch.req_ids[:n]
+
+    def _settle_cut(self, call: dict) -> None:
+        """Tell the cut what the target did with the drafts it sent last step:
+        each request's query holds 1 + its verified drafts; vLLM passes how
+        many of them were rejected."""
+        cad, rejected = call["common_attn_metadata"], call.get("num_rejected_tokens_gpu")
+        if rejected is None:
+            self._cut.begin_step((), None, None)
+            return
+        starts = cad.query_start_loc_cpu.tolist()
+        verified = [b - a - 1 for a, b in zip(starts, starts[1:])]
+        self._cut.begin_step(self._req_ids(len(verified)), verified, rejected.tolist())

@@ -37,8 +37,11 @@ def test_expected_accepted_counts_bonus_token():
 
 def test_cost_model_recovers_each_part_of_the_step_time():
     cost = StepCostModel()
-    truth = [0.040, 0.005, 0.002, 0.010]  # fixed, per verified token, per drafted position, drafting
-    steps = [(1, 1, 0), (1, 4, 3), (4, 8, 1), (8, 72, 8), (16, 16, 0), (2, 4, 5), (4, 20, 4)]
+    # fixed, per verified token, per drafted position, drafting, verifying drafts
+    truth = [0.040, 0.005, 0.002, 0.010, 0.006]
+    # (batch, tokens, K): verifying = more tokens than requests; (4, 12, 0) verifies
+    # without drafting, (2, 2, 3) drafts without verifying.
+    steps = [(1, 1, 0), (1, 4, 3), (4, 8, 1), (8, 72, 8), (16, 16, 0), (2, 4, 5), (4, 20, 4), (4, 12, 0), (2, 2, 3)]
     for batch, tokens, k in steps * 60:
         x = step_features(batch, tokens, k)
         cost.observe(x, sum(w * v for w, v in zip(truth, x)))
@@ -201,15 +204,31 @@ def _run(target, spec, prompts, max_tokens=64):
 
 
 @pytest.mark.slow
-def test_adaptive_is_lossless_and_turns_off_for_a_useless_draft(embedded, tmp_path):
+def test_adaptive_is_lossless_and_turns_off_for_a_useless_draft(embedded, tmp_path, monkeypatch):
     from prompts import TEST_PROMPTS
 
+    from pard_vllm import confidence_cut
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # scheduler in this process
+    made = {GoodputController: [], confidence_cut.ConfidenceCut: []}  # the instances the engine builds
+    for cls, instances in made.items():
+        def init(self, *a, _original=cls.__init__, _instances=instances, **kw):
+            _original(self, *a, **kw)
+            _instances.append(self)
+
+        monkeypatch.setattr(cls, "__init__", init)
     prompts = TEST_PROMPTS[:12]
     plain, _ = _run(embedded["target"], None, prompts)
     adaptive = {"method": "pard", "model": embedded["draft"], "num_speculative_tokens": 8,
-                "adaptive": "goodput", "confidence_threshold": 0.05}
+                "adaptive": "goodput", "confidence_threshold": "auto"}
     fast, _ = _run(embedded["target"], adaptive, prompts)
-    assert fast == plain  # fp32 greedy: exactly the plain tokens, K varying or not
+    assert fast == plain  # fp32 greedy: exactly the plain tokens, K and cut varying or not
+    # The automatic cut ran: the drafter's ledger was settled with vLLM's
+    # rejected counts (calibration), and the controller saw drafts shorter than their K.
+    cut = made[confidence_cut.ConfidenceCut][-1]  # the drafter's
+    assert sum(cut.calibration.reached) > 50
+    tracker = made[GoodputController][-1].acceptance
+    assert sum(tracker.offered) > 50 and sum(tracker.kept) < 0.9 * sum(tracker.offered)
 
     useless = _useless_draft(embedded["draft"], tmp_path / "useless")
     # Full output layer: with a head vocabulary, all-zero logits would pick its
@@ -253,3 +272,18 @@ def test_skipped_draft_steps_catch_up(embedded, monkeypatch):
     rate = {k: accepted[k] / drafted[k] for k in stats}
     print("accepted per drafted token:", rate)  # shown with pytest -s
     assert rate["skip"] >= 0.9 * rate["forward"], rate
+
+
+def test_a_gain_inside_the_margin_does_not_speculate():
+    """K = 1 predicted 3% faster than plain: inside the 5% margin, so K = 0;
+    with no margin the controller would draft."""
+    # 50 ms + 10 ms per verified token at batch 1; position 1 accepted so that
+    # K = 1 gives (1 + p) / 70 ms against 1 / 60 ms, i.e. 1.03x for p = 0.2017.
+    p = 1.03 * 70 / 60 - 1
+    for margin, expected in ((0.05, 0), (0.0, 1)):
+        ctl = GoodputController(max_k=1, explore=0.0, margin=margin)
+        for tokens, k in [(1, 0), (2, 1), (2, 0), (1, 1)] * 40:
+            ctl.observe_step(1, tokens, k, seconds=0.050 + 0.010 * tokens)
+        for r in range(4000):
+            ctl.observe_request(1, 1 if (r * p) % 1 + p >= 1 else 0)
+        assert ctl.best_k(1) == expected, (margin, ctl.goodput(1, 1) / ctl.goodput(1, 0))

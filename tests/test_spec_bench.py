@@ -1,7 +1,7 @@
 """spec_bench on a tiny configuration, end to end: real engines, real prompts.
 
 One subprocess runs the harness (ar and pard, two HumanEval prompts, batch 1,
-greedy, 16 tokens) exactly as a user would; the tests then read what it wrote.
+greedy, 16 tokens, two passes) exactly as a user would; the tests then read what it wrote.
 Why a subprocess: the harness starts and stops engines itself, and its command
 line (argument parsing, presets, output folder) is part of what is tested.
 """
@@ -30,7 +30,7 @@ def tiny_run(tmp_path_factory, embedded):
     out = tmp_path_factory.mktemp("spec_bench")
     cmd = [sys.executable, str(BENCH / "spec_bench.py"), "--methods", "ar,pard,suffix",
            "--datasets", "humaneval", "--num-prompts", "2", "--batch-sizes", "1",
-           "--temperatures", "0", "--max-tokens", "16", "--k", "4", "--max-model-len", "1024",
+           "--temperatures", "0", "--max-tokens", "16", "--k", "4", "--max-model-len", "1024", "--passes", "2",
            "--target", embedded["target"], "--draft", embedded["draft"], "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -46,6 +46,8 @@ def test_records_have_the_schema(tiny_run):
         assert (r["dataset"], r["batch_size"], r["temperature"], r["num_prompts"]) == ("humaneval", 1, 0.0, 2)
         assert 0 < r["output_tokens"] <= 2 * 16 and r["tokens_per_s"] > 0
         assert "_ids" not in r  # raw token ids are compared, not saved
+        # Two passes, alternating order; the record is the faster one.
+        assert r["passes"] == 2 and r["tokens_per_s"] == max(r["tokens_per_s_passes"])
     assert data["run"]["vllm_version"] and data["run"]["methods"] == ["ar", "pard", "suffix"]
 
 
