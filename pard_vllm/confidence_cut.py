@@ -38,6 +38,8 @@ from typing import Sequence
 
 import torch
 
+from pard_vllm.adaptive import lengths_from_confidence
+
 
 @dataclass
 class ConfidenceCalibration:
@@ -85,10 +87,14 @@ class ConfidenceCalibration:
         return torch.tensor([total / weight for total, weight, n in pools for _ in range(n)],
                             dtype=torch.float64)
 
+    def rated(self, confidence: torch.Tensor) -> torch.Tensor:
+        """Each draft's confidence replaced by its bin's measured acceptance rate."""
+        bins = (confidence.float() * self.bins).long().clamp(0, self.bins - 1)
+        return self.rates().to(confidence.device)[bins]
+
     def prefix_estimates(self, confidence: torch.Tensor) -> torch.Tensor:
         """[batch, K] confidences -> [batch, K] estimated P(drafts 1..i all accepted)."""
-        bins = (confidence.float() * self.bins).long().clamp(0, self.bins - 1)
-        return torch.cumprod(self.rates().to(confidence.device)[bins], dim=-1)
+        return torch.cumprod(self.rated(confidence), dim=-1)
 
 
 class ConfidenceCut:
@@ -121,8 +127,7 @@ class ConfidenceCut:
 
     def lengths(self, req_ids: Sequence[str], confidence: torch.Tensor, threshold: float) -> list[int]:
         """How many of each request's K drafts to send for verification."""
-        keep = self.calibration.prefix_estimates(confidence) >= threshold
-        lengths = keep.to(torch.int64).cumprod(dim=-1).sum(dim=-1).tolist()
+        lengths = lengths_from_confidence(self.calibration.rated(confidence), threshold).tolist()
         for req_id, row, n in zip(req_ids, confidence.tolist(), lengths):
             if n:
                 self._sent[req_id] = (self.step, row[:n])

@@ -317,6 +317,7 @@ class AdaptiveKPatch:
                 self._pard_controller = None
                 self._pard_last_step = None
                 self._pard_k = (0, 0)  # K of the previous and of this step
+                self._pard_auto_cut = False
                 spec = vllm_config.speculative_config
                 options = getattr(spec, OPTIONS_ATTR, None) if spec is not None else None
                 if options is None or options.adaptive != "goodput" or self.dynamic_sd_lookup is None:
@@ -327,6 +328,7 @@ class AdaptiveKPatch:
                     max_k=self.num_spec_tokens, min_k=options.min_speculative_tokens,
                     explore=options.adaptive_explore)
                 self.dynamic_sd_lookup = self._pard_controller
+                self._pard_auto_cut = options.confidence_threshold == "auto"
                 logger.info("pard-vllm: goodput-adaptive K in [%d, %d]",
                             options.min_speculative_tokens, self.num_spec_tokens)
 
@@ -348,9 +350,8 @@ class AdaptiveKPatch:
                 step = (len(output.num_scheduled_tokens), tokens, output.num_spec_tokens_to_schedule,
                         bool(output.scheduled_spec_decode_tokens))
                 self._pard_k = (self._pard_k[1], step[2])
-                # What a draft must be worth to be verified this step (used by
-                # the drafter only with "confidence_threshold": "auto").
-                setattr(output, THRESHOLD_ATTR, controller.cut_threshold(step[0], step[2]))
+                if self._pard_auto_cut:  # what a draft must be worth to be verified this step
+                    setattr(output, THRESHOLD_ATTR, controller.cut_threshold(step[0], step[2]))
                 self._pard_last_step = (now, step) if tokens else None
                 if sum(controller.history.values()) >= 2000:
                     logger.info("pard-vllm adaptive: %s", controller.summary())
