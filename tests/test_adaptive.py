@@ -168,6 +168,11 @@ def test_config_rejects_adaptive_with_manual_schedule(embedded):
                              "num_speculative_tokens_per_batch_size": [[1, 8, 4]]})
     with pytest.raises(PardConfigError, match="min_speculative_tokens"):
         resolve_pard_config({**spec, "adaptive": "goodput", "min_speculative_tokens": 6})
+    with pytest.raises(PardConfigError, match='add "adaptive": "goodput"'):
+        resolve_pard_config({**spec, "confidence_threshold": "auto"})
+    for bad in (1.5, "sometimes"):
+        with pytest.raises(PardConfigError, match="between 0 and 1 .* or \"auto\""):
+            resolve_pard_config({**spec, "confidence_threshold": bad})
 
 
 # --- the real engine ---------------------------------------------------------
