@@ -57,6 +57,18 @@ def test_drafts_were_proposed_and_verified(fp32_runs):
     assert all(a >= b for a, b in zip(per_pos, per_pos[1:]))
 
 
+def test_shipped_draft_keeps_its_acceptance(fp32_runs):
+    """Acceptance-length floor for the embedded draft: an export or prepare that
+    breaks it (wrong embeddings, mask id, rope_theta, head vocabulary) drops tau to
+    the untrained cut's ~1.05. The shipped draft measures 1.34 on these prompts
+    (2026-12-01); fp32 greedy is deterministic, so the floor only leaves room for a
+    retrained draft that is a little worse on this small set."""
+    _, _, metrics = fp32_runs
+    drafts = metrics["vllm:spec_decode_num_drafts"].value
+    tau = 1 + metrics["vllm:spec_decode_num_accepted_tokens"].value / drafts
+    assert tau >= 1.25, f"the embedded draft's tau fell to {tau:.3f} (1.34 expected); check the export"
+
+
 def test_small_head_vocab_stays_lossless(embedded, fp32_runs, tmp_path):
     """Drafts over only the 256 most frequent ids of half the plain answers:
     the target's other tokens are never drafted, yet the output is unchanged."""
