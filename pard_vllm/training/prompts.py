@@ -1,7 +1,7 @@
 """A training prompt set generated on the spot, so nothing is downloaded and no eval set leaks in.
 
 Why generated: the benchmarks measure acceptance on HumanEval, GSM8K and MT-Bench, so a
-draft must never see those prompts. Instead we mix three families that cover the same
+draft must never see those prompts. Instead we mix four families that cover the same
 *kinds* of text the target will be asked to write:
 
 * code: prompts built from the Python standard library itself (module and function
@@ -281,6 +281,9 @@ def generate(n: int, seed: int = 0, mix=(0.4, 0.2, 0.4, 0.0), exclude: set[str] 
     rng = random.Random(seed)
     funcs = stdlib_functions(seed)
     stubs = stdlib_stubs(exclude_names=humaneval_entry_points()) if mix[3] > 0 else []
+    edges = [sum(mix[:i + 1]) for i in range(4)]
+    make = {"code": lambda: _code_prompt(rng, funcs), "math": lambda: _math_prompt(rng),
+            "chat": lambda: _chat_prompt(rng), "stub": lambda: _stub_prompt(rng, stubs)}
     seen = set(exclude or ())
     out = []
     tries = 0
@@ -289,10 +292,7 @@ def generate(n: int, seed: int = 0, mix=(0.4, 0.2, 0.4, 0.0), exclude: set[str] 
         if tries > 50 * n:
             raise RuntimeError(f"could only make {len(out)} distinct prompts out of {n}")
         u = rng.random()
-        edges = [sum(mix[:i + 1]) for i in range(4)]
         kind = "code" if u < edges[0] else "math" if u < edges[1] else "chat" if u < edges[2] else "stub"
-        make = {"code": lambda: _code_prompt(rng, funcs), "math": lambda: _math_prompt(rng),
-                "chat": lambda: _chat_prompt(rng), "stub": lambda: _stub_prompt(rng, stubs)}
         text = make[kind]()
         if text in seen:
             continue
