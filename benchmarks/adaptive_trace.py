@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import os
 import sys
 import time
@@ -46,12 +47,16 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--confidence", default=None,
                     help='confidence_threshold of the adaptive run: "auto" or a number (default: none)')
+    ap.add_argument("--margin", type=float, default=None, help="adaptive_margin (default: the config's)")
+    ap.add_argument("--show-sequence", action="store_true",
+                    help="also print the K of every step, run-length encoded (K x steps)")
     args = ap.parse_args()
 
     from pard_vllm.adaptive import GoodputController
     from pard_vllm.prepare import prepare
 
-    steps: dict[int, list[float]] = collections.defaultdict(list)
+    steps: dict[int, list[float]] = collections.defaultdict(list)  # decode-only steps by K
+    prefills: list[float] = []  # steps that also prefilled a prompt
     sequence: list[int] = []
     controllers = []
     original_init, original_observe = GoodputController.__init__, GoodputController.observe_step
@@ -60,10 +65,10 @@ def main() -> None:
         original_init(self, *a, **kw)
         controllers.append(self)
 
-    def observe_step(self, batch_size, tokens, k, seconds, verifying=None):
-        steps[k].append(seconds)
+    def observe_step(self, batch_size, tokens, k, seconds, verifying=None, prefill=0):
+        (steps[k] if not prefill else prefills).append(seconds)
         sequence.append(k)
-        original_observe(self, batch_size, tokens, k, seconds, verifying)
+        original_observe(self, batch_size, tokens, k, seconds, verifying, prefill)
 
     GoodputController.__init__, GoodputController.observe_step = init, observe_step
 
@@ -76,11 +81,13 @@ def main() -> None:
         spec = None if method == "ar" else {
             "method": "pard", "model": paths["draft"], "num_speculative_tokens": args.k,
             "adaptive": "goodput",
+            **({"adaptive_margin": args.margin} if args.margin is not None else {}),
             **({"confidence_threshold": _number_or_auto(args.confidence)} if args.confidence else {})}
         llm = make_engine(paths["target"], spec, engine_args)
         try:
             run_cell(llm, prompts[:args.batch_size], args.batch_size, 0, 16, _NoBar())  # warm-up
             steps.clear()
+            prefills.clear()
             sequence.clear()
             t0 = time.perf_counter()
             ids, secs, _ = run_cell(llm, prompts, args.batch_size, args.temperature,
@@ -92,13 +99,16 @@ def main() -> None:
           f"pard_adaptive {speeds['pard_adaptive']:.1f} tok/s "
           f"({speeds['pard_adaptive'] / speeds['ar']:.2f}x)")
     print(f"(an ar step here: about {1e3 * args.batch_size / speeds['ar']:.1f} ms per token of each request)")
-    total = sum(sum(v) for v in steps.values())
-    print("K   steps  mean ms  share of time")
-    for k in sorted(steps):
-        v = steps[k]
-        print(f"{k:<3d} {len(v):6d}  {1e3 * sum(v) / len(v):7.1f}  {sum(v) / total:6.1%}")
+    total = sum(sum(v) for v in steps.values()) + sum(prefills)
+    print("K   steps  mean ms  share of time   (decode-only steps; then steps that prefilled a prompt)")
+    for k, v in [*sorted(steps.items()), ("pre", prefills)]:
+        if v:
+            print(f"{k:<3} {len(v):6d}  {1e3 * sum(v) / len(v):7.1f}  {sum(v) / total:6.1%}")
     resumes = sum(1 for a, b in zip(sequence, sequence[1:]) if a == 0 and b > 0)
     print(f"drafting resumed after a K = 0 step {resumes} times in {len(sequence)} steps")
+    if args.show_sequence:
+        runs = [(k, len(list(group))) for k, group in itertools.groupby(sequence)]
+        print("sequence: " + " ".join(f"{k}x{n}" for k, n in runs))
     if controllers:
         print(controllers[-1].summary())
 

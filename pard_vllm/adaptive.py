@@ -13,7 +13,9 @@ the engine measures, online, the two things that decide what pays:
   none takes the plain path), fitted by decayed least
   squares on the engine's own step times, so it is the real hardware, not a
   guess (on a CPU the draft's output layer makes c large; on a GPU at small
-  batch b and c are near zero and speculation is almost free).
+  batch b and c are near zero and speculation is almost free);
+* how far that linear fit is off at each K and batch size (``CostResidual``):
+  real steps are not linear, and the measured ratio at a K overrules the fit.
 
 ``GoodputController`` then picks, every step, the K that maximises expected
 accepted tokens per second for the current batch size B::
@@ -110,16 +112,26 @@ class AcceptanceTracker:
         return self._smoothed(self.kept, 1.0)
 
 
-def step_features(batch_size: int, tokens: float, k: int, verifying: bool | None = None) -> list[float]:
+def step_features(batch_size: int, tokens: float, k: int, verifying: bool | None = None,
+                  prefill: float = 0.0) -> list[float]:
     """What a step's time depends on: a fixed part, the tokens the target
     verifies, the draft positions whose logits are computed (the draft's
-    output layer is a large share of its cost), whether drafting ran, and
+    output layer is a large share of its cost), whether drafting ran,
     whether the step verified any drafts (the rejection sampler and vLLM's
-    speculative bookkeeping; a step with none takes the plain path).
-    ``verifying`` defaults to "more tokens than requests"."""
+    speculative bookkeeping; a step with none takes the plain path), and the
+    prompt tokens it prefilled. ``verifying`` defaults to "more tokens than
+    requests".
+
+    Why prefill apart: a prompt token costs far less than a decode token (one
+    big matmul against many small ones), and a few 600-token prefills among
+    decode steps of 4-16 tokens dominate a least-squares fit; folded into one
+    slope they made the fit over-state what verifying costs per token less
+    than prefill's and under-state a decode step, so the controller drafted
+    at batch 4 where plain decoding was faster."""
     if verifying is None:
         verifying = tokens > batch_size
-    return [1.0, float(tokens), float(batch_size * k), 1.0 if k > 0 else 0.0, 1.0 if verifying else 0.0]
+    return [1.0, float(tokens), float(batch_size * k), 1.0 if k > 0 else 0.0, 1.0 if verifying else 0.0,
+            float(prefill)]
 
 
 @dataclass
@@ -137,8 +149,8 @@ class StepCostModel:
     prior_tokens: float = 64.0
     prior_weight: float = 0.1
     samples: int = 0
-    _xtx: torch.Tensor = field(default_factory=lambda: torch.zeros(5, 5, dtype=torch.float64))
-    _xty: torch.Tensor = field(default_factory=lambda: torch.zeros(5, dtype=torch.float64))
+    _xtx: torch.Tensor = field(default_factory=lambda: torch.zeros(6, 6, dtype=torch.float64))
+    _xty: torch.Tensor = field(default_factory=lambda: torch.zeros(6, dtype=torch.float64))
     _w: torch.Tensor | None = None
 
     def observe(self, features: Sequence[float], seconds: float) -> None:
@@ -146,9 +158,11 @@ class StepCostModel:
             return
         x = torch.tensor(features, dtype=torch.float64)
         if self.samples == 0:
-            scale = torch.tensor([1.0, self.prior_tokens, self.prior_tokens, 1.0, 1.0], dtype=torch.float64)
+            scale = torch.tensor([1.0, self.prior_tokens, self.prior_tokens, 1.0, 1.0, self.prior_tokens],
+                                 dtype=torch.float64)
             ridge = torch.diag(self.prior_weight * scale ** 2)
-            prior = torch.tensor([seconds, seconds / self.prior_tokens, 0.0, 0.0, 0.0], dtype=torch.float64)
+            prior = torch.tensor([seconds, seconds / self.prior_tokens, 0.0, 0.0, 0.0, seconds / self.prior_tokens],
+                                 dtype=torch.float64)
             self._xtx, self._xty = ridge, ridge @ prior
         self._xtx = self._xtx * self.decay + torch.outer(x, x)
         self._xty = self._xty * self.decay + x * seconds
@@ -157,9 +171,9 @@ class StepCostModel:
 
     def coefficients(self) -> list[float]:
         """[fixed s, s per verified token, s per drafted position, s when drafting,
-        s when verifying drafts]."""
+        s when verifying drafts, s per prefilled token]."""
         if self.samples == 0:
-            return [0.0] * 4
+            return [0.0] * 6
         if self._w is None:
             self._w = self._solve_nonnegative()
         return self._w.tolist()
@@ -172,7 +186,7 @@ class StepCostModel:
         solution can put +1.7 s on one and -1.7 s on the other; clamping the
         negative one alone then predicts steps seconds too slow. Instead the
         most negative coefficient is fixed at 0 and the rest re-solved, until
-        none is negative (an active-set pass; 5 unknowns, at most 5 solves).
+        none is negative (an active-set pass; 6 unknowns, at most 6 solves).
         """
         active = list(range(self._xty.numel()))
         w = torch.zeros_like(self._xty)
@@ -193,6 +207,50 @@ class StepCostModel:
         return self.samples >= 8 and seconds > 8.0 * self.predict(features)
 
 
+@dataclass
+class CostResidual:
+    """How far the linear cost model is off, per K and batch size: decayed
+    measured seconds over predicted seconds of the steps that drafted K at
+    about that batch size (powers of two: 1, 2-3, 4-7, ...).
+
+    Why: the model is linear in a handful of features, but a real step need
+    not be (code paths that differ by K, GPU tile sizes, caches). Scaling each
+    K's predicted cost by its own measured ratio lets what was observed at
+    that K overrule the fit, and leaves the fit in charge where a K has rarely
+    run (``prior_weight`` pseudo-steps at ratio 1). It decays per step of the
+    same cell, so a K tried seldom keeps its last measured ratio. In the
+    closed-loop test where K = 1 and 2 cost 25 ms more than the features can
+    say, the controller reached 0.86 of the best fixed K's throughput without
+    it and 0.98 with it (6 seeds; ``test_measured_cost_per_k_overrules_a_misfit_linear_model``).
+    """
+
+    decay: float = 0.97
+    prior_weight: float = 8.0
+    cells: dict[tuple[int, int], list[float]] = field(default_factory=dict)  # -> [steps, seconds, *features]
+
+    def observe(self, batch_size: int, k: int, seconds: float, features: Sequence[float]) -> None:
+        cell = self.cells.setdefault((k, batch_size.bit_length()), [0.0] * (2 + len(features)))
+        for i, x in enumerate((1.0, seconds, *features)):
+            cell[i] = cell[i] * self.decay + x
+
+    def ratio(self, batch_size: int, k: int, coefficients: Sequence[float]) -> float:
+        """Measured / predicted seconds, pulled towards 1 by the prior. The
+        cell keeps feature sums, not predictions, so it is always measured
+        against the current fit (an early, unsettled fit leaves no trace)."""
+        bucket = batch_size.bit_length()
+        measured_ks = [j for j, b in self.cells if b == bucket]
+        if not measured_ks:
+            return 1.0
+        # A K not measured at this batch size borrows its nearest measured
+        # neighbour's ratio: the misfit varies smoothly with K, and ratio 1
+        # there would make every unmeasured K look like a bargain.
+        cell = self.cells[(min(measured_ks, key=lambda j: (abs(j - k), j)), bucket)]
+        steps, measured, features = cell[0], cell[1], cell[2:]
+        predicted = max(sum(w * x for w, x in zip(coefficients, features)), 1e-9)
+        prior = self.prior_weight * predicted / steps  # pseudo-steps of the cell's typical length
+        return (measured + prior) / (predicted + prior)
+
+
 class GoodputController:
     """Chooses K per step. It speaks vLLM's dynamic-speculation interface:
     the scheduler reads ``controller[batch_size]`` exactly where it would read
@@ -203,28 +261,41 @@ class GoodputController:
         min_k: never draft fewer (0 lets it turn speculation off).
         explore: share of steps that try a K other than the best one, so the
             cost slope and long-prefix acceptance stay measured.
+        probe_steps: an exploring K is held this many steps in a row, so it is
+            also measured in its steady state (its first step resumes drafting
+            and carries the draft's catch-up, which ``CostResidual`` leaves out).
+        probe_band: only K predicted within this share of the best are probed;
+            a probe exists to catch the model being wrong, and a K predicted
+            far worse is not worth the price (at batch 64 one K = 1 step costs
+            about two plain ones).
         calibrate: the first this-many steps cycle K through the floor, the
             floor + 1, the middle and the top of the range. Why: a step's cost has a part that only appears when
             drafting at all, and the fixed part and that one cannot be told
             apart from steps that all draft (or all do not); without a few
             steps of each, the fit can be wrong about K = 0 for a long time.
-        floor_every: afterwards, every this-many-th step drafts the floor K
-            (when the best K is above it), for the same reason: with only
-            exploration's occasional floor steps the cost of drafting at all
-            was absorbed into the fixed part, the controller believed a
-            drafting step barely dearer than a plain one, and kept drafting at
-            batch 4 where plain decoding was faster. At 1/32 of steps it costs
-            about 1% of the speculative gain.
+        floor_every: afterwards, every this-many-th step starts a probe of
+            the floor K (``probe_steps`` long; when the best K is above it),
+            for the same reason: with only exploration's occasional floor
+            steps the cost of drafting at all was absorbed into the fixed
+            part, the controller believed a drafting step barely dearer than a
+            plain one, and kept drafting at batch 4 where plain decoding was
+            faster. A lone floor step still verifies the drafts of the step
+            before it; only the second one in a row is a plain step, so a
+            probe measures the plain step itself instead of extrapolating it.
+            3 steps in 48 cost about 1% of a 1.2x speculative gain.
         margin: speculate only when the best K is predicted at least this much
             faster than not speculating. The linear cost model misses costs
             of the speculative path (catch-up after skipped steps, bookkeeping)
             by several percent; at batch 4 here it predicted K = 1 and K = 0
-            level while K = 1 measured about 8% slower.
+            level while K = 1 measured about 8% slower. The engine takes it
+            from the ``adaptive_margin`` option (default 0.10).
     """
 
     def __init__(self, max_k: int, min_k: int = 0, explore: float = 0.02, seed: int = 0,
                  acceptance: AcceptanceTracker | None = None, cost: StepCostModel | None = None,
-                 calibrate: int | None = None, floor_every: int = 32, margin: float = 0.05):
+                 calibrate: int | None = None, floor_every: int = 48, margin: float = 0.05,
+                 residual: CostResidual | None = None, probe_steps: int = 3,
+                 probe_band: float = 0.25):
         if not 0 <= min_k <= max_k:
             raise ValueError(f"need 0 <= min_k <= max_k, got {min_k}, {max_k}")
         self.max_k, self.min_k, self.explore, self.floor_every = max_k, min_k, explore, floor_every
@@ -235,6 +306,9 @@ class GoodputController:
         self.steps = 0
         self.acceptance = acceptance or AcceptanceTracker(max_k)
         self.cost = cost or StepCostModel()
+        self.residual = residual or CostResidual()
+        self.probe_steps, self._probe, self.probe_band = max(1, probe_steps), [], probe_band
+        self._last_k: int | None = None
         self.rng = random.Random(seed)
         self.history: dict[int, int] = {}  # K -> steps it was chosen
 
@@ -245,7 +319,8 @@ class GoodputController:
         gain = batch_size * expected_accepted(self.acceptance.prefix_accept(), k)
         verified = batch_size * (1.0 + sum(self.acceptance.keep_rate()[:k]))
         # Steady state: a step at K > 0 also verifies the previous step's drafts.
-        return gain / self.cost.predict(step_features(batch_size, verified, k, verifying=k > 0))
+        seconds = self.cost.predict(step_features(batch_size, verified, k, verifying=k > 0))
+        return gain / (seconds * self.residual.ratio(batch_size, k, self.cost.coefficients()))
 
     def best_k(self, batch_size: int) -> int:
         if self.cost.samples == 0:
@@ -259,16 +334,28 @@ class GoodputController:
         self.steps += 1
         if self.steps <= self.calibrate:
             k = self._calibration[(self.steps - 1) % len(self._calibration)]
+        elif self._probe:
+            k, self._probe = self._probe[0], self._probe[1:]
         else:
             k = self.best_k(max(batch_size, 1))
-            if self.floor_every and self.steps % self.floor_every == 0:
+            if self.floor_every and self.steps % self.floor_every == 0 and k != self.min_k:
                 k = self.min_k  # keeps the floor's cost measured (see floor_every)
-        if self.steps > self.calibrate and self.max_k > self.min_k and self.rng.random() < self.explore:
-            # Explore next to the best K (it measures the slope that matters and
-            # costs at most one token per request) or at the floor, which keeps
-            # the cost of not drafting measured.
-            k = self.rng.choice(sorted({x for x in (k - 1, k + 1, self.min_k)
-                                        if self.min_k <= x <= self.max_k and x != k}))
+                self._probe = [k] * (self.probe_steps - 1)
+            elif self.max_k > self.min_k and self.rng.random() < self.explore / self.probe_steps:
+                # Explore next to the best K (it measures the slope that matters and
+                # costs at most one token per request) or at the floor, which keeps
+                # the cost of not drafting measured; for a few steps in a row, so
+                # the explored K is also seen in its steady state (not only as the
+                # step that resumes drafting and carries the draft's catch-up).
+                # Only where the model could plausibly be wrong: a K predicted
+                # far worse is not worth a probe (at batch 64 one K = 1 step
+                # costs about two plain ones).
+                batch, best = max(batch_size, 1), self.goodput(max(batch_size, 1), k)
+                near = sorted({x for x in (k - 1, k + 1, k + 2, self.min_k) if self.min_k <= x <= self.max_k
+                               and x != k and self.goodput(batch, x) >= (1 - self.probe_band) * best})
+                if near:
+                    k = self.rng.choice(near)
+                    self._probe = [k] * (self.probe_steps - 1)
         self.history[k] = self.history.get(k, 0) + 1
         return k
 
@@ -276,24 +363,32 @@ class GoodputController:
 
     def summary(self) -> str:
         """One log line: what was chosen and why."""
-        fixed, per_token, per_draft, drafting, verifying = (c * 1e3 for c in self.cost.coefficients())
+        fixed, per_token, per_draft, drafting, verifying, per_prompt = (c * 1e3 for c in self.cost.coefficients())
         p = ", ".join(f"{x:.2f}" for x in self.acceptance.prefix_accept())
         kept = ", ".join(f"{x:.2f}" for x in self.acceptance.keep_rate())
+        ratios = ", ".join(f"K={k} B~{2 ** (b - 1)}: {self.residual.ratio(2 ** (b - 1), k, self.cost.coefficients()):.2f}"
+                           for k, b in sorted(self.residual.cells))
         return (f"K chosen {dict(sorted(self.history.items()))}; step = {fixed:.1f} ms + "
                 f"{per_token:.2f} ms/verified token + {per_draft:.2f} ms/drafted token + "
-                f"{drafting:.1f} ms when drafting + {verifying:.1f} ms when verifying drafts; "
-                f"prefix acceptance [{p}]; kept after the cut [{kept}]")
+                f"{drafting:.1f} ms when drafting + {verifying:.1f} ms when verifying drafts + "
+                f"{per_prompt:.2f} ms/prefilled token; "
+                f"prefix acceptance [{p}]; kept after the cut [{kept}]; measured/fitted step time [{ratios}]")
 
     # What the scheduler reports back.
     def observe_request(self, num_drafted: int, num_accepted: int, width: int | None = None) -> None:
         self.acceptance.observe(num_drafted, num_accepted, width)
 
     def observe_step(self, batch_size: int, tokens: int, k: int, seconds: float,
-                     verifying: bool | None = None) -> None:
-        """One scheduling step: requests, tokens verified, K drafted, wall time,
-        and whether it verified drafts (default: more tokens than requests)."""
-        features = step_features(batch_size, tokens, k, verifying)
-        if tokens > 0 and not self.cost.is_outlier(features, seconds):
+                     verifying: bool | None = None, prefill: int = 0) -> None:
+        """One scheduling step: requests, decode tokens (one per request plus
+        the drafts verified), K drafted, wall time, whether it verified drafts
+        (default: more tokens than requests) and prompt tokens prefilled."""
+        features = step_features(batch_size, tokens, k, verifying, prefill)
+        resumed = self._last_k == 0 and k > 0  # carries the draft's catch-up: not steady state
+        self._last_k = k
+        if tokens + prefill > 0 and not self.cost.is_outlier(features, seconds):
+            if not resumed and not prefill:  # the residual is about decode steps only
+                self.residual.observe(batch_size, k, seconds, features)
             self.cost.observe(features, seconds)
 
     def cut_threshold(self, batch_size: int, k: int) -> float:

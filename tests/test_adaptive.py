@@ -4,6 +4,7 @@ never accepted)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -37,13 +38,15 @@ def test_expected_accepted_counts_bonus_token():
 
 def test_cost_model_recovers_each_part_of_the_step_time():
     cost = StepCostModel()
-    # fixed, per verified token, per drafted position, drafting, verifying drafts
-    truth = [0.040, 0.005, 0.002, 0.010, 0.006]
-    # (batch, tokens, K): verifying = more tokens than requests; (4, 12, 0) verifies
-    # without drafting, (2, 2, 3) drafts without verifying.
-    steps = [(1, 1, 0), (1, 4, 3), (4, 8, 1), (8, 72, 8), (16, 16, 0), (2, 4, 5), (4, 20, 4), (4, 12, 0), (2, 2, 3)]
-    for batch, tokens, k in steps * 60:
-        x = step_features(batch, tokens, k)
+    # fixed, per verified token, per drafted position, drafting, verifying drafts, per prompt token
+    truth = [0.040, 0.005, 0.002, 0.010, 0.006, 0.0004]
+    # (batch, tokens, K, prompt tokens): verifying = more tokens than requests; (4, 12, 0)
+    # verifies without drafting, (2, 2, 3) drafts without verifying; two steps also
+    # prefill a prompt (cheap per token, but many tokens).
+    steps = [(1, 1, 0, 0), (1, 4, 3, 0), (4, 8, 1, 0), (8, 72, 8, 0), (16, 16, 0, 0), (2, 4, 5, 0),
+             (4, 20, 4, 0), (4, 12, 0, 0), (2, 2, 3, 0), (4, 12, 2, 600), (1, 1, 0, 150)]
+    for batch, tokens, k, prompt in steps * 60:
+        x = step_features(batch, tokens, k, prefill=prompt)
         cost.observe(x, sum(w * v for w, v in zip(truth, x)))
     assert cost.coefficients() == pytest.approx(truth, rel=0.05, abs=2e-4)
     x = step_features(4, 20, 4)
@@ -64,20 +67,26 @@ def test_cost_model_stays_accurate_when_features_move_together():
     assert cost.predict(x) == pytest.approx(0.055 + 0.0036 * 256 + 0.002 * 192, rel=0.02)
 
 
-def _closed_loop(accept: list[float], batch: int, steps: int = 800, seed: int = 0) -> float:
-    """The controller driving a simulated engine: step time = 40 ms + 3.6 ms per
-    verified token + 2 ms per drafted position + 15 ms for drafting at all;
-    draft i accepted with conditional probability accept[i]. Returns the
-    achieved tokens/s over the best fixed K's steady-state tokens/s."""
+def _linear_step(batch, tokens, k):
+    """40 ms + 3.6 ms per verified token + 2 ms per drafted position + 15 ms for drafting at all."""
+    return 0.040 + 0.0036 * tokens + (0.015 + 0.002 * batch * k if k else 0.0)
+
+
+def _closed_loop(accept: list[float], batch: int, steps: int = 800, seed: int = 0,
+                 seconds=_linear_step, residual: bool = True) -> float:
+    """The controller driving a simulated engine: step time = ``seconds(batch,
+    verified tokens, K)`` +-15% noise; draft i accepted with conditional
+    probability accept[i]. Returns the achieved tokens/s over the best fixed
+    K's steady-state tokens/s. ``residual=False`` switches off the per-K
+    correction of the cost model (``CostResidual``)."""
     import random
 
-    def seconds(tokens, k):
-        return 0.040 + 0.0036 * tokens + (0.015 + 0.002 * batch * k if k else 0.0)
-
-    rng, ctl, prev_k, made, spent = random.Random(seed), GoodputController(8), 8, 0, 0.0
+    rng, ctl, prev_k, made, spent = random.Random(seed), GoodputController(8, seed=seed), 8, 0, 0.0
+    if not residual:
+        ctl.residual.ratio = lambda *args: 1.0
     for _ in range(steps):
         k, tokens = ctl.choose(batch), batch * (1 + prev_k)
-        took = seconds(tokens, k) * rng.uniform(0.85, 1.15)
+        took = seconds(batch, tokens, k) * rng.uniform(0.85, 1.15)
         ctl.observe_step(batch, tokens, k, took)
         for _ in range(batch):
             n = 0
@@ -87,7 +96,7 @@ def _closed_loop(accept: list[float], batch: int, steps: int = 800, seed: int = 
                 ctl.observe_request(prev_k, n)
             made += 1 + n
         spent, prev_k = spent + took, k
-    best = max(batch * (1 + sum(math.prod(accept[:i + 1]) for i in range(k))) / seconds(batch * (1 + k), k)
+    best = max(batch * (1 + sum(math.prod(accept[:i + 1]) for i in range(k))) / seconds(batch, batch * (1 + k), k)
                for k in range(9))
     return made / spent / best
 
@@ -98,6 +107,34 @@ def test_closed_loop_goodput_is_near_the_best_fixed_k(batch):
     weak = [0.19, 0.1, 0.05, 0, 0, 0, 0, 0]
     assert _closed_loop(good, batch) > 0.9  # the best K falls from 8 to 0 as the batch grows
     assert _closed_loop(weak, batch) > 0.9  # the best K is 0 at every batch size
+
+
+def test_measured_cost_per_k_overrules_a_misfit_linear_model():
+    """Steps whose cost the linear model cannot express (K = 1 and 2 take an
+    extra 25 ms, as a slow code path would): the fit spreads that over every
+    K and mis-ranks them. With each K's measured/predicted ratio applied
+    (``CostResidual``) the controller finds the best K (3 here); without it,
+    it lands well below."""
+    def step(batch, tokens, k):
+        return 0.040 + 0.002 * tokens + (0.025 if k in (1, 2) else 0) + (0.005 + 0.001 * batch * k if k else 0)
+
+    accept = [0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0, 0]
+    seeds = range(6)
+    with_residual = [_closed_loop(accept, 1, seed=s, seconds=step) for s in seeds]
+    without = [_closed_loop(accept, 1, seed=s, seconds=step, residual=False) for s in seeds]
+    assert min(with_residual) > 0.94 and sum(with_residual) / 6 > 0.97, with_residual
+    assert sum(with_residual) / 6 > sum(without) / 6 + 0.03, (with_residual, without)
+
+
+def test_probes_skip_k_predicted_far_worse():
+    """A weak draft at batch 64: one K = 1 step costs about two plain ones, so
+    after calibration the controller never probes it. At batch 1 the same
+    draft pays at K = 1, and K = 0 (close) is still probed."""
+    ctl = _controller(0.040, 0.0036, [0.19, 0.02])
+    for _ in range(ctl.calibrate):
+        ctl.choose(64)  # the start-up cycle through K
+    assert [ctl.choose(64) for _ in range(400)].count(0) == 400
+    assert {ctl.choose(1) for _ in range(400)} == {0, 1}  # best K (1) and probes of 0
 
 
 def test_acceptance_tracker_prefix_is_monotone_and_learns():
@@ -145,9 +182,12 @@ def test_min_k_is_respected_and_exploration_samples_other_k():
         ctl.observe_request(8, 0)
     calibration = [ctl.choose(4) for _ in range(ctl.calibrate)]
     assert calibration == [8, 5, 3, 2] * 2  # top, middle, floor + 1, floor
-    picks = {ctl.choose(4) for _ in range(200)}
-    # Best is the floor (2); exploration only steps to a neighbour or the floor.
-    assert ctl.best_k(4) == 2 and picks == {2, 3}
+    picks = [ctl.choose(4) for _ in range(300)]
+    # Best is the floor (2); exploration probes one or two above it, for
+    # ``probe_steps`` steps in a row (so the probed K is seen in steady state).
+    assert ctl.best_k(4) == 2 and set(picks) == {2, 3, 4}
+    runs = [len(list(group)) for k, group in itertools.groupby(picks[:picks.index(2, 290)]) if k != 2]
+    assert runs and all(n % ctl.probe_steps == 0 for n in runs), runs
     with pytest.raises(ValueError):
         GoodputController(max_k=4, min_k=5)
 
@@ -202,7 +242,7 @@ def _run(target, spec, prompts, max_tokens=64):
     llm = LLM(target, speculative_config=spec, disable_log_stats=False, **ENGINE_KW)
     try:
         outs = chat(llm, prompts, SamplingParams(temperature=0, max_tokens=max_tokens))
-        metrics = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
+        metrics = {m.name: getattr(m, "value", m) for m in llm.get_metrics()}  # histograms whole
         return [o.outputs[0].token_ids for o in outs], metrics
     finally:
         shutdown(llm)
@@ -226,14 +266,25 @@ def test_adaptive_is_lossless_and_turns_off_for_a_useless_draft(embedded, tmp_pa
     plain, _ = _run(embedded["target"], None, prompts)
     adaptive = {"method": "pard", "model": embedded["draft"], "num_speculative_tokens": 8,
                 "adaptive": "goodput", "confidence_threshold": "auto"}
-    fast, _ = _run(embedded["target"], adaptive, prompts)
+    fast, metrics = _run(embedded["target"], adaptive, prompts)
     assert fast == plain  # fp32 greedy: exactly the plain tokens, K and cut varying or not
+    # The draft-length histogram (DraftLengthMetricsPatch) agrees with vLLM's
+    # counters, and K and the cut made drafts of several lengths.
+    lengths = metrics["vllm:pard_draft_length"]
+    assert lengths.count == metrics["vllm:spec_decode_num_drafts"] > 0
+    assert lengths.sum == metrics["vllm:spec_decode_num_draft_tokens"]
+    cumulative = [lengths.buckets[key] for key in sorted(lengths.buckets, key=float)]
+    assert sum(b > a for a, b in zip([0, *cumulative], cumulative)) >= 2, lengths.buckets
     # The automatic cut ran: the drafter's ledger was settled with vLLM's
     # rejected counts (calibration), and the controller saw drafts shorter than their K.
     cut = made[confidence_cut.ConfidenceCut][-1]  # the drafter's
     assert sum(cut.calibration.reached) > 50
-    tracker = made[GoodputController][-1].acceptance
+    controller = made[GoodputController][-1]
+    tracker = controller.acceptance
     assert sum(tracker.offered) > 50 and sum(tracker.kept) < 0.9 * sum(tracker.offered)
+    # The scheduler told prompt tokens from decode tokens: prefills got their own
+    # slope, and the per-K residual only saw decode steps.
+    assert controller.cost.coefficients()[5] > 0 and controller.residual.cells
 
     useless = _useless_draft(embedded["draft"], tmp_path / "useless")
     # Full output layer: with a head vocabulary, all-zero logits would pick its

@@ -73,4 +73,11 @@ def test_zz_metrics_show_drafts(servers):
     stats = spec_decode_stats(servers["pard"].metrics())
     assert stats["num_drafts"] > 0
     assert stats["num_draft_tokens"] == 8 * stats["num_drafts"]
+    # pard-vllm's draft-length histogram: every verified draft was 8 long.
+    metrics = servers["pard"].metrics()
+    lengths = {key.split("{")[0]: value for key, value in metrics.items() if "pard_draft_length" in key
+               and ('le="8.0"' in key or "le=" not in key)}
+    assert lengths["vllm:pard_draft_length_count"] == stats["num_drafts"]
+    assert lengths["vllm:pard_draft_length_sum"] == stats["num_draft_tokens"]
+    assert lengths["vllm:pard_draft_length_bucket"] == stats["num_drafts"]  # all in le=8
     assert spec_decode_stats(servers["plain"].metrics())["num_drafts"] == 0
