@@ -18,8 +18,8 @@ It prints tokens/s and the ratio to ``ar`` per batch size, measured in one run.
 This VM's speed drifts by 10-20% over minutes, so the methods run in turn
 ``--passes`` times and each cell reports its best pass (all passes are kept in
 the JSON).
-Greedy, fp32, eager, HumanEval prompts, the engine in this process (so the
-constant controller reaches the scheduler).
+Greedy unless ``--temperature``, fp32, eager, HumanEval prompts, the engine in
+this process (so the constant controller reaches the scheduler).
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--methods", default="ar,k0_forward,k0_skip")
     ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sampling temperature (spec_bench's seeds, so outputs still compare)")
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args()
 
@@ -80,7 +82,7 @@ def main() -> None:
         try:
             run_cell(llm, prompts[:max(batch_sizes)], max(batch_sizes), 0, 16, _NoBar())  # warm-up
             for b in batch_sizes:
-                ids, secs, _ = run_cell(llm, prompts, b, 0, args.max_tokens, _NoBar())
+                ids, secs, _ = run_cell(llm, prompts, b, args.temperature, args.max_tokens, _NoBar())
                 ntok = sum(len(x) for x in ids)
                 rows.append({"method": method, "batch_size": b, "tokens_per_s": ntok / secs,
                              "output_tokens": ntok, "_ids": ids})

@@ -46,6 +46,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -80,12 +81,14 @@ class AcceptanceTracker:
 
     def __post_init__(self) -> None:
         self.offered, self.kept, self.through = ([0.0] * self.max_k for _ in range(3))
+        self._cache: dict[str, list[float]] = {}  # the smoothed lists, until the next observe
 
     def observe(self, num_drafted: int, num_accepted: int, width: int | None = None) -> None:
         """One request's outcome in one step: drafts verified (what vLLM's
         rejection sampler reports), of them accepted, and the K the step
         drafted before the cut (defaults to ``num_drafted``: no cut)."""
         width = num_drafted if width is None else width
+        self._cache.clear()
         for counts in (self.offered, self.kept, self.through):
             for i in range(self.max_k):
                 counts[i] *= self.decay
@@ -105,11 +108,15 @@ class AcceptanceTracker:
 
     def prefix_accept(self) -> list[float]:
         """p_i = P(drafts 1..i all accepted) per request-step offered i, non-increasing in i."""
-        return self._smoothed(self.through, self.prior)
+        if "through" not in self._cache:
+            self._cache["through"] = self._smoothed(self.through, self.prior)
+        return self._cache["through"]
 
     def keep_rate(self) -> list[float]:
         """Share of request-steps offered position i that kept it for verification."""
-        return self._smoothed(self.kept, 1.0)
+        if "kept" not in self._cache:
+            self._cache["kept"] = self._smoothed(self.kept, 1.0)
+        return self._cache["kept"]
 
 
 def step_features(batch_size: int, tokens: float, k: int, verifying: bool | None = None,
@@ -149,22 +156,22 @@ class StepCostModel:
     prior_tokens: float = 64.0
     prior_weight: float = 0.1
     samples: int = 0
-    _xtx: torch.Tensor = field(default_factory=lambda: torch.zeros(6, 6, dtype=torch.float64))
-    _xty: torch.Tensor = field(default_factory=lambda: torch.zeros(6, dtype=torch.float64))
-    _w: torch.Tensor | None = None
+    # numpy, not torch: a few 6x6 operations per step, where torch's per-call
+    # overhead (and its thread pool, busy with the model) cost ~10x more.
+    _xtx: np.ndarray = field(default_factory=lambda: np.zeros((6, 6)))
+    _xty: np.ndarray = field(default_factory=lambda: np.zeros(6))
+    _w: list[float] | None = None
 
     def observe(self, features: Sequence[float], seconds: float) -> None:
         if seconds <= 0:
             return
-        x = torch.tensor(features, dtype=torch.float64)
+        x = np.asarray(features, dtype=np.float64)
         if self.samples == 0:
-            scale = torch.tensor([1.0, self.prior_tokens, self.prior_tokens, 1.0, 1.0, self.prior_tokens],
-                                 dtype=torch.float64)
-            ridge = torch.diag(self.prior_weight * scale ** 2)
-            prior = torch.tensor([seconds, seconds / self.prior_tokens, 0.0, 0.0, 0.0, seconds / self.prior_tokens],
-                                 dtype=torch.float64)
+            scale = np.array([1.0, self.prior_tokens, self.prior_tokens, 1.0, 1.0, self.prior_tokens])
+            ridge = np.diag(self.prior_weight * scale ** 2)
+            prior = np.array([seconds, seconds / self.prior_tokens, 0.0, 0.0, 0.0, seconds / self.prior_tokens])
             self._xtx, self._xty = ridge, ridge @ prior
-        self._xtx = self._xtx * self.decay + torch.outer(x, x)
+        self._xtx = self._xtx * self.decay + np.outer(x, x)
         self._xty = self._xty * self.decay + x * seconds
         self._w = None
         self.samples += 1
@@ -175,10 +182,10 @@ class StepCostModel:
         if self.samples == 0:
             return [0.0] * 6
         if self._w is None:
-            self._w = self._solve_nonnegative()
-        return self._w.tolist()
+            self._w = self._solve_nonnegative().tolist()
+        return self._w
 
-    def _solve_nonnegative(self) -> torch.Tensor:
+    def _solve_nonnegative(self) -> np.ndarray:
         """Least squares with every coefficient >= 0 (cost never falls with work).
 
         Why not solve and clamp: when two features move together (the fixed
@@ -188,11 +195,11 @@ class StepCostModel:
         most negative coefficient is fixed at 0 and the rest re-solved, until
         none is negative (an active-set pass; 6 unknowns, at most 6 solves).
         """
-        active = list(range(self._xty.numel()))
-        w = torch.zeros_like(self._xty)
+        active = list(range(self._xty.size))
+        w = np.zeros_like(self._xty)
         while active:
-            idx = torch.tensor(active)
-            sub = torch.linalg.solve(self._xtx[idx][:, idx], self._xty[idx])
+            idx = np.array(active)
+            sub = np.linalg.solve(self._xtx[np.ix_(idx, idx)], self._xty[idx])
             if (sub >= 0).all():
                 w[idx] = sub
                 break
