@@ -69,6 +69,51 @@ def test_labels_follow_the_pard_rule(tiny_data):
     assert counts[0] > counts[1] > counts[3]
 
 
+def test_cat_weights_follow_the_docstring_example():
+    """The worked example of data.py: answer probabilities 0.9, 0.5, 0.8, 1.0."""
+    import math
+
+    probs = [0.9, 0.5, 0.8, 1.0]
+    tokens = torch.tensor([5, 6, 7, 8])
+    others = torch.tensor([[9, 10]] * 4)
+    doc = D.Doc(tokens, 0, torch.cat([tokens[:, None], others], 1),
+                torch.tensor([[math.log(q), -9.0, -10.0] for q in probs]))
+    blocks, pos = torch.tensor([0, 1, 2, 3, 1]), torch.tensor([3, 2, 2, 3, 1])
+    w = D.cat_weights(doc, blocks, pos)
+    assert torch.allclose(w, torch.tensor([1.0, 0.8, 0.4, 0.4, 0.5]))
+    # a sampled token outside the top-k weighs the k-th probability; prompt tokens weigh 1
+    doc2 = D.Doc(tokens, 2, torch.tensor([[1, 2, 3], [8, 4, 5]]), torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -2.0, -4.0]]))
+    assert torch.allclose(D.gold_logprobs(doc2), torch.tensor([0.0, 0.0, -3.0, -0.5]))
+    with pytest.raises(SystemExit, match="--top-logits"):
+        D.gold_logprobs(D.Doc(tokens, 2))
+
+
+def test_cat_weighted_loss_is_the_weighted_mean(tiny_data):
+    from pard_vllm.training.distill import load_shards
+    from pard_vllm.training.losses import head_and_loss
+
+    docs = D.make_docs(load_shards(tiny_data), seq_len=256)
+    b = D.collate(docs, [[0, 1], [2]], k=4, mask_token=16, pad_token=0, cod_r=0.7, cod_min=0.2, seed=1,
+                  with_topk=True, with_cat=True)
+    n = int((b["labels"] != D.IGNORE).sum())
+    w = b["cat_weight"]
+    assert w.shape == (n,) and b["topk_ids"].shape[0] == n
+    blocks = b["block_ids"].reshape(-1)[b["labels"].reshape(-1) != D.IGNORE]
+    # The fixture's answer tokens have P(gold) = e^-0.1 and prompt tokens weigh 1, so block b
+    # weighs e^(-0.1 m), m = how many of the b tokens behind its masks are answer tokens.
+    m = -torch.log(w) / 0.1
+    assert torch.allclose(m, m.round(), atol=1e-2) and bool((m.round() <= blocks).all())
+    assert bool((w[blocks == 0] == 1).all()) and float((m.round() == blocks).float().mean()) > 0.8
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(*b["input_ids"].shape, 8, generator=gen), torch.randn(64000, 8, generator=gen)
+    plain, _ = head_and_loss(hidden, {k: v for k, v in b.items() if k != "cat_weight"}, weight, "full", "ce")
+    weighted, _ = head_and_loss(hidden, b, weight, "full", "ce", ce_weight=0.1)
+    b_ones = dict(b, cat_weight=torch.ones(n))
+    unweighted, _ = head_and_loss(hidden, b_ones, weight, "full", "ce", ce_weight=0.1)
+    assert torch.allclose(unweighted, 0.1 * plain)
+    assert float(weighted) < float(unweighted)  # weights <= 1 on a positive loss
+
+
 def test_hook_matches_dense_mask_and_plain_causal(embedded, tiny_data):
     from pard_vllm.training.distill import load_shards
     from pard_vllm.training.model import PardLayout, attention_backend, load_draft, set_pard_attention

@@ -73,6 +73,9 @@ def add_training_commands(sub) -> None:
     t.add_argument("--cod-r", type=float, default=0.7, help="conditional-drop ratio (0 disables COD)")
     t.add_argument("--cod-min", type=float, default=0.2)
     t.add_argument("--loss", choices=["ce", "kd", "ce+kd"], default="ce")
+    t.add_argument("--ce-weight", type=float, default=1.0, help="scale of the ce term (PARD-2 uses 0.1 with kd)")
+    t.add_argument("--cat", action="store_true", help="weight each position's loss by the target's probability "
+                   "of the tokens its masks stand for (PARD-2's CAT; needs --top-logits data)")
     t.add_argument("--head", choices=["full", "frozen", "sampled"], default="frozen",
                    help="output layer: full (train tied embeddings), frozen (tied embeddings fixed), "
                    "sampled (frozen, logits only over batch labels/top-k + sampled negatives)")

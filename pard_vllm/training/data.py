@@ -14,6 +14,15 @@ the prompts are ours, not the target's, and the draft is only ever asked to cont
 the target. With ``--loss kd`` the label of (b, p) is the target's top-k distribution
 at x[p+1], read from the distilled shard.
 
+CAT weights (PARD-2's Confidence-Adaptive Token loss, ``--cat``): block b at position
+p is only useful if the target confirms the b tokens x[p-b+1..p] the draft assumed
+behind its masks, so its loss is weighted by the target's probability of them,
+``prod_j P_target(x_j)``. Worked example: an answer whose tokens the target wrote
+with probabilities 0.9, 0.5, 0.8, 1.0 (x_0..x_3): block 0 always weighs 1; block 1 at
+p = 2 (it sees x_0, x_1 and one mask at p = 2, guesses x_3) weighs P(x_2) = 0.8; block 2
+at p = 2 (sees x_0 and masks at 1, 2) weighs 0.5 * 0.8 = 0.4; block 3 at p = 3 weighs
+0.5 * 0.8 * 1.0. Prompt tokens are given, never guessed: they weigh 1.
+
 Batches are a pure function of (seed, epoch, batch index), so a resumed run rebuilds
 exactly the batches it had not consumed yet.
 """
@@ -94,6 +103,30 @@ def epoch_batches(docs: list[Doc], seq_len: int, batch_size: int, seed: int, epo
     return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
+def gold_logprobs(doc: Doc) -> torch.Tensor:
+    """[L] log P_target(x_j) for the answer tokens of ``doc`` (0 for prompt tokens).
+
+    Read from the distilled top-k; a sampled token outside the top-k gets the k-th
+    log-prob, an upper bound on its own (the weight is a confidence, not a likelihood)."""
+    L = doc.tokens.numel()
+    out = torch.zeros(L)
+    if doc.topk_ids is None:
+        raise SystemExit("error: --cat needs data distilled with --top-logits k (the target's probabilities)")
+    n = doc.topk_ids.shape[0]
+    answer = doc.tokens[L - n:]
+    lps = doc.topk_logprobs.float()
+    hit = doc.topk_ids.long() == answer[:, None]
+    out[L - n:] = torch.where(hit.any(1), (lps * hit).sum(1), lps[:, -1])
+    return out
+
+
+def cat_weights(doc: Doc, blocks: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """CAT weight of each packed (block, position) of ``doc``: exp(sum of the gold
+    log-probs of x[p-b+1..p]); 1 for block 0 (see the module docstring)."""
+    c = torch.cumsum(gold_logprobs(doc), 0)
+    return torch.exp(c[pos] - c[pos - blocks])
+
+
 def doc_layout(doc: Doc, k: int, cod_r: float | None, cod_min: float, gen: torch.Generator):
     """Packed (block, position) pairs of one document, masks with p < b removed."""
     from pard_vllm.kernels import pard_layout
@@ -104,13 +137,15 @@ def doc_layout(doc: Doc, k: int, cod_r: float | None, cod_min: float, gen: torch
 
 
 def collate(docs: list[Doc], rows: list[list[int]], k: int, mask_token: int, pad_token: int,
-            cod_r: float | None, cod_min: float, seed: int, with_topk: bool = False) -> dict:
-    """Tensors of one batch: ``[B, T]`` ids/positions/blocks/docs/labels (+ flat soft labels)."""
+            cod_r: float | None, cod_min: float, seed: int, with_topk: bool = False,
+            with_cat: bool = False) -> dict:
+    """Tensors of one batch: ``[B, T]`` ids/positions/blocks/docs/labels (+ flat soft labels
+    and CAT weights, in the order of ``labels[labels != IGNORE]``)."""
     gen = torch.Generator().manual_seed(seed)
     parts = []
     for row in rows:
         cols = {n: [] for n in ("input_ids", "position_ids", "block_ids", "doc_ids", "labels")}
-        soft_ids, soft_lps = [], []
+        soft_ids, soft_lps, cat = [], [], []
         for j, di in enumerate(row):
             d = docs[di]
             b, p = doc_layout(d, k, cod_r, cod_min, gen)
@@ -128,11 +163,13 @@ def collate(docs: list[Doc], rows: list[list[int]], k: int, mask_token: int, pad
                 r = (tgt[valid] - d.loss_from).clamp(max=d.topk_ids.shape[0] - 1)
                 soft_ids.append(d.topk_ids[r])
                 soft_lps.append(d.topk_logprobs[r])
-        parts.append(({n: torch.cat(v) for n, v in cols.items()}, soft_ids, soft_lps, len(row)))
+            if with_cat:
+                cat.append(cat_weights(d, b[valid], p[valid]))
+        parts.append(({n: torch.cat(v) for n, v in cols.items()}, soft_ids, soft_lps, cat, len(row)))
     T = max(c["input_ids"].numel() for c, *_ in parts)
     batch = {n: [] for n in ("input_ids", "position_ids", "block_ids", "doc_ids", "labels")}
-    soft_ids, soft_lps = [], []
-    for cols, si, sl, ndocs in parts:
+    soft_ids, soft_lps, cat = [], [], []
+    for cols, si, sl, cw, ndocs in parts:
         pad = T - cols["input_ids"].numel()
         if pad:  # a dummy document of real tokens, attended by nothing else, no loss
             ar = torch.arange(pad)
@@ -145,10 +182,13 @@ def collate(docs: list[Doc], rows: list[list[int]], k: int, mask_token: int, pad
             batch[n].append(cols[n])
         soft_ids += si
         soft_lps += sl
+        cat += cw
     out = {n: torch.stack(v) for n, v in batch.items()}
     out["n_real"] = int(sum(docs[i].tokens.numel() for row in rows for i in row))
     if with_topk:
         # row-major order of the valid labels == order of labels[labels != IGNORE]
         out["topk_ids"] = torch.cat(soft_ids)
         out["topk_logprobs"] = torch.cat(soft_lps)
+    if with_cat:
+        out["cat_weight"] = torch.cat(cat)
     return out

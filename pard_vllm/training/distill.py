@@ -77,6 +77,11 @@ def distill(target: str, prompts: str, out: str, max_tokens: int = 256, temperat
         print(f"distill: all {len(shards)} shards of {out_dir} are done", flush=True)
         return out_dir
 
+    # A distillation step prefills up to max_num_batched_tokens prompt tokens at once;
+    # on a CPU shared with other jobs (a `nice` background run) one step can outlast
+    # vLLM's 300 s execute_model RPC timeout, which kills the engine mid-shard (seen
+    # here next to the test suite). Nothing waits on a distillation interactively.
+    os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "7200")
     llm = LLM(model=str(target), dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
               seed=seed, max_num_seqs=256, **kv_cache_kwargs())
     tokenizer = llm.get_tokenizer()

@@ -17,7 +17,10 @@ Only positions with a label go through the head at all (prompt tokens and droppe
 target-less masks never do).
 
 Losses: ``ce`` on the label (the target's greedy token when the data is greedy), ``kd``
-the cross entropy to the target's renormalised top-k distribution, ``ce+kd`` their sum.
+the cross entropy to the target's renormalised top-k distribution, ``ce+kd`` their sum
+(``ce_weight`` scales the ``ce`` term). With CAT weights in the batch (``--cat``,
+``pard_vllm.training.data.cat_weights``) every position's terms are multiplied by its
+weight before the mean: PARD-2's recipe is ``--loss ce+kd --ce-weight 0.1 --cat``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from pard_vllm.training.data import IGNORE
 
 
 def head_and_loss(hidden: torch.Tensor, batch: dict, weight: torch.Tensor, head: str, loss: str,
-                  negatives: int = 2048, gen: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+                  negatives: int = 2048, gen: torch.Generator | None = None,
+                  ce_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Returns (scalar loss, stats) for ``hidden`` [B, T, D] at the batch's labelled positions."""
     labels = batch["labels"].reshape(-1)
     sel = labels != IGNORE
@@ -50,12 +54,18 @@ def head_and_loss(hidden: torch.Tensor, batch: dict, weight: torch.Tensor, head:
         logits = h @ weight.T
         y_local, soft_local = y, soft_ids
     logp = F.log_softmax(logits.float(), dim=-1)
+    w = batch.get("cat_weight")
+    w = w.to(h.device) if w is not None else None
+
+    def mean(per_position: torch.Tensor) -> torch.Tensor:
+        return (per_position * w).mean() if w is not None else per_position.mean()
+
     terms = {}
     if loss in ("ce", "ce+kd"):
-        terms["ce"] = -logp.gather(1, y_local[:, None]).mean()
+        terms["ce"] = ce_weight * mean(-logp.gather(1, y_local[:, None]).squeeze(1))
     if want_kd:
         p = F.softmax(batch["topk_logprobs"].to(h.device).float(), dim=-1)  # renormalised top-k
-        terms["kd"] = -(p * logp.gather(1, soft_local)).sum(-1).mean()
+        terms["kd"] = mean(-(p * logp.gather(1, soft_local)).sum(-1))
     total = sum(terms.values())
     with torch.no_grad():
         hit = logp.argmax(-1) == y_local

@@ -46,6 +46,8 @@ class TrainConfig:
     cod_r: float = 0.7
     cod_min: float = 0.2
     loss: str = "ce"
+    ce_weight: float = 1.0
+    cat: bool = False  # PARD-2's confidence-adaptive token weights (data.cat_weights)
     head: str = "frozen"
     negatives: int = 2048
     lr: float = 3e-4
@@ -89,7 +91,8 @@ class _Step(torch.nn.Module):
                                       position_ids=batch["position_ids"].to(dev),
                                       pard_layout=layout, use_cache=False).last_hidden_state
             weight = self.model.get_output_embeddings().weight
-            return head_and_loss(hidden, batch, weight, self.cfg.head, self.cfg.loss, self.cfg.negatives, self.gen)
+            return head_and_loss(hidden, batch, weight, self.cfg.head, self.cfg.loss, self.cfg.negatives, self.gen,
+                                 self.cfg.ce_weight)
 
 
 def _dist():
@@ -182,6 +185,8 @@ def train(cfg: TrainConfig) -> dict:
     docs = D.make_docs(load_shards(cfg.data), cfg.seq_len, cfg.loss_on_prompt)[: cfg.limit_docs]
     D.check_mask_token(docs, cfg.mask_token)
     with_topk = cfg.loss in ("kd", "ce+kd")
+    if cfg.cat and any(d.topk_ids is None for d in docs):
+        raise SystemExit("error: --cat needs data distilled with --top-logits k (the target's probabilities)")
     cod_r = cfg.cod_r if cfg.cod_r and cfg.cod_r > 0 else None
     batches_per_epoch = len(D.epoch_batches(docs, cfg.seq_len, cfg.batch_size, cfg.seed, 0)) // world
     if batches_per_epoch < cfg.grad_accum:
@@ -209,7 +214,8 @@ def train(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         print(f"train: {len(docs)} docs, {sum(d.tokens.numel() for d in docs)} tokens, {batches_per_epoch} "
               f"batches/epoch/rank, {total} steps, {n_train / 1e6:.1f}M trainable params, head={cfg.head}, "
-              f"loss={cfg.loss}, cod_r={cod_r}, k={cfg.k}, mask={cfg.mask_token}, world={world}, "
+              f"loss={cfg.loss}{' (CAT-weighted)' if cfg.cat else ''}, cod_r={cod_r}, k={cfg.k}, "
+              f"mask={cfg.mask_token}, world={world}, "
               f"resume_step={state['step']}", flush=True)
 
     earlier = _earlier_training(cfg.draft)
@@ -281,7 +287,8 @@ def train(cfg: TrainConfig) -> dict:
             for micro in range(cfg.grad_accum):
                 bi = state["batch"] + micro
                 seed = (cfg.seed * 1_000_003 + state["epoch"]) * 1_000_003 + bi
-                batch = D.collate(docs, batches[bi], cfg.k, cfg.mask_token, 0, cod_r, cfg.cod_min, seed, with_topk)
+                batch = D.collate(docs, batches[bi], cfg.k, cfg.mask_token, 0, cod_r, cfg.cod_min, seed, with_topk,
+                                  cfg.cat)
                 sync = contextlib.nullcontext() if (world == 1 or micro == cfg.grad_accum - 1) else runner.no_sync()
                 with sync:
                     loss, stats = runner(batch)
