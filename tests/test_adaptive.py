@@ -278,7 +278,10 @@ def test_adaptive_is_lossless_and_turns_off_for_a_useless_draft(embedded, tmp_pa
     # The automatic cut ran: the drafter's ledger was settled with vLLM's
     # rejected counts (calibration), and the controller saw drafts shorter than their K.
     cut = made[confidence_cut.ConfidenceCut][-1]  # the drafter's
-    assert sum(cut.calibration.reached) > 50
+    # Every verified draft adds at least one reached count, decayed per draft; how many
+    # drafts there are depends on the controller's (timed) choices, so compare with them.
+    drafts, decay = metrics["vllm:spec_decode_num_drafts"], cut.calibration.decay
+    assert sum(cut.calibration.reached) > 0.8 * (1 - decay ** drafts) / (1 - decay) > 10
     controller = made[GoodputController][-1]
     tracker = controller.acceptance
     assert sum(tracker.offered) > 50 and sum(tracker.kept) < 0.9 * sum(tracker.offered)
