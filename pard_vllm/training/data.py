@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 IGNORE = -100
+CAT_NEEDS_TOPK = "error: --cat needs data distilled with --top-logits k (the target's probabilities)"
 
 
 @dataclass
@@ -111,7 +112,7 @@ def gold_logprobs(doc: Doc) -> torch.Tensor:
     L = doc.tokens.numel()
     out = torch.zeros(L)
     if doc.topk_ids is None:
-        raise SystemExit("error: --cat needs data distilled with --top-logits k (the target's probabilities)")
+        raise SystemExit(CAT_NEEDS_TOPK)
     n = doc.topk_ids.shape[0]
     answer = doc.tokens[L - n:]
     lps = doc.topk_logprobs.float()

@@ -186,7 +186,7 @@ def train(cfg: TrainConfig) -> dict:
     D.check_mask_token(docs, cfg.mask_token)
     with_topk = cfg.loss in ("kd", "ce+kd")
     if cfg.cat and any(d.topk_ids is None for d in docs):
-        raise SystemExit("error: --cat needs data distilled with --top-logits k (the target's probabilities)")
+        raise SystemExit(D.CAT_NEEDS_TOPK)
     cod_r = cfg.cod_r if cfg.cod_r and cfg.cod_r > 0 else None
     batches_per_epoch = len(D.epoch_batches(docs, cfg.seq_len, cfg.batch_size, cfg.seed, 0)) // world
     if batches_per_epoch < cfg.grad_accum:
