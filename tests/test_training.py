@@ -114,6 +114,14 @@ def test_cat_weighted_loss_is_the_weighted_mean(tiny_data):
     assert float(weighted) < float(unweighted)  # weights <= 1 on a positive loss
 
 
+def test_negative_ce_weight_is_one_line_and_writes_nothing(tiny_data, tmp_path):
+    from pard_vllm.cli import main
+
+    with pytest.raises(SystemExit, match="--ce-weight -0.1 is negative"):
+        main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "d"), "--ce-weight", "-0.1"])
+    assert not (tmp_path / "d").exists()
+
+
 def test_hook_matches_dense_mask_and_plain_causal(embedded, tiny_data):
     from pard_vllm.training.distill import load_shards
     from pard_vllm.training.model import PardLayout, attention_backend, load_draft, set_pard_attention

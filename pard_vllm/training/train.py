@@ -185,6 +185,8 @@ def train(cfg: TrainConfig) -> dict:
     docs = D.make_docs(load_shards(cfg.data), cfg.seq_len, cfg.loss_on_prompt)[: cfg.limit_docs]
     D.check_mask_token(docs, cfg.mask_token)
     with_topk = cfg.loss in ("kd", "ce+kd")
+    if cfg.ce_weight < 0:
+        raise SystemExit(f"error: --ce-weight {cfg.ce_weight} is negative; use a weight >= 0 (PARD-2 uses 0.1)")
     if cfg.cat and any(d.topk_ids is None for d in docs):
         raise SystemExit(D.CAT_NEEDS_TOPK)
     cod_r = cfg.cod_r if cfg.cod_r and cfg.cod_r > 0 else None
