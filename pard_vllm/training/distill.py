@@ -71,7 +71,7 @@ def distill(target: str, prompts: str, out: str, max_tokens: int = 256, temperat
     todo = [i for i in range(len(shards)) if not (out_dir / f"{tag}-shard-{i:05d}.pt").exists()]
     meta = {"target": str(target), "prompts": str(prompts), "max_tokens": max_tokens,
             "temperature": temperature, "num_samples": num_samples, "top_logits": top_logits,
-            "dtype": dtype, "seed": seed, "num_prompts": len(rows)}
+            "dtype": dtype, "seed": seed, "num_prompts": len(rows), "limit": limit}
     (out_dir / f"{tag}-meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     if not todo:
         print(f"distill: all {len(shards)} shards of {out_dir} are done", flush=True)

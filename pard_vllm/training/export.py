@@ -177,6 +177,10 @@ def _provenance(cfg: dict, size: int) -> str:
         flags = ["--prompts", d["prompts"], "--max-tokens", str(d["max_tokens"]), "--top-logits", str(d["top_logits"])]
         if d.get("temperature"):
             flags += ["--temperature", str(d["temperature"]), "--num-samples", str(d["num_samples"])]
+        if d.get("seed"):
+            flags += ["--seed", str(d["seed"])]
+        if d.get("limit"):  # only the first N prompts were distilled
+            flags += ["--limit", str(d["limit"])]
         lines.append("pard-vllm distill " + shlex.join(flags + ["--out", t["train_config"]["data"]]))
     if t.get("train_command"):
         lines.append(t["train_command"] + "  # equivalent to the run's command; read from its checkpoint")
