@@ -102,7 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def resolve_models(args) -> None:
     if args.target and args.draft:
         return
-    drafted = ("vsd", "vllm_parallel", "pard", "pard_fullhead", "pard_adaptive", "pard_confidence")
+    drafted = ("vsd", "vllm_parallel", "pard", "pard_fullhead", "pard_adaptive", "pard_adaptive_noguard",
+               "pard_confidence")
     needs_draft = any(base_name(m) in drafted for m in args.methods)
     if args.target is None or (args.draft is None and needs_draft):
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

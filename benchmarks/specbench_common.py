@@ -13,8 +13,8 @@ import importlib.util
 import os
 import platform
 
-METHODS = ("ar", "vsd", "vllm_parallel", "pard", "pard_fullhead", "pard_adaptive", "pard_confidence",
-           "ngram", "suffix")
+METHODS = ("ar", "vsd", "vllm_parallel", "pard", "pard_fullhead", "pard_adaptive", "pard_adaptive_noguard",
+           "pard_confidence", "ngram", "suffix")
 
 SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
                  "vllm:spec_decode_num_accepted_tokens")
@@ -63,6 +63,9 @@ def method_spec(method: str, draft: str, k: int) -> dict | None:
         return {"method": "pard", "model": draft, "num_speculative_tokens": k, "head_vocab": 0}
     if method == "pard_adaptive":  # K chosen per step by measured goodput (pard_vllm.adaptive)
         return {"method": "pard", "model": draft, "num_speculative_tokens": k, "adaptive": "goodput"}
+    if method == "pard_adaptive_noguard":  # ... without the measured-goodput check (adaptive_guard)
+        return {"method": "pard", "model": draft, "num_speculative_tokens": k, "adaptive": "goodput",
+                "adaptive_guard": False}
     if method == "pard_confidence":  # ... and each request's draft cut by its calibrated confidence
         return {"method": "pard", "model": draft, "num_speculative_tokens": k, "adaptive": "goodput",
                 "confidence_threshold": "auto"}

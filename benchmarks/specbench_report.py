@@ -18,7 +18,8 @@ from specbench_common import METHODS as METHOD_ORDER, base_name
 #: One colour per method in every plot, so the two figures read together
 #: (a method at its own K, ``name@K``, gets matplotlib's next free colour).
 COLORS = {"ar": "tab:gray", "vsd": "tab:orange", "vllm_parallel": "tab:green", "pard": "tab:red",
-          "pard_fullhead": "tab:pink", "pard_adaptive": "tab:blue", "pard_confidence": "tab:cyan",
+          "pard_fullhead": "tab:pink", "pard_adaptive": "tab:blue", "pard_adaptive_noguard": "tab:olive",
+          "pard_confidence": "tab:cyan",
           "ngram": "tab:purple", "suffix": "tab:brown"}
 
 

@@ -3,7 +3,7 @@
 vLLM drafts a fixed K, or follows a batch-size table the user writes by hand.
 Both waste target compute when the draft is weak or the batch is large: every
 drafted token is verified by the target whether it is accepted or not. Here
-the engine measures, online, the two things that decide what pays:
+the engine measures, online, what decides whether drafting pays:
 
 * how often draft position i is accepted (``AcceptanceTracker``), pooled over
   requests and decayed so the estimate follows the workload;
@@ -15,7 +15,10 @@ the engine measures, online, the two things that decide what pays:
   guess (on a CPU the draft's output layer makes c large; on a GPU at small
   batch b and c are near zero and speculation is almost free);
 * how far that linear fit is off at each K and batch size (``CostResidual``):
-  real steps are not linear, and the measured ratio at a K overrules the fit.
+  real steps are not linear, and the measured ratio at a K overrules the fit;
+* whether speculating has in fact produced more tokens per second than not
+  speculating at this batch size (``pard_vllm.measured_goodput``): where it
+  has not, the controller does not speculate, whatever the fit predicts.
 
 ``GoodputController`` then picks, every step, the K that maximises expected
 accepted tokens per second for the current batch size B::
@@ -48,6 +51,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from pard_vllm.measured_goodput import MeasuredGoodput
 
 
 def expected_accepted(prefix_accept: Sequence[float], k: int) -> float:
@@ -296,13 +301,17 @@ class GoodputController:
             by several percent; at batch 4 here it predicted K = 1 and K = 0
             level while K = 1 measured about 8% slower. The engine takes it
             from the ``adaptive_margin`` option (default 0.10).
+        measured: the check on the model (``pard_vllm.measured_goodput``):
+            where steady speculating steps have measured fewer tokens per
+            second than steady plain ones at this batch size, K = 0 whatever
+            the model predicts. ``guard=False`` turns it off.
     """
 
     def __init__(self, max_k: int, min_k: int = 0, explore: float = 0.02, seed: int = 0,
                  acceptance: AcceptanceTracker | None = None, cost: StepCostModel | None = None,
                  calibrate: int | None = None, floor_every: int = 48, margin: float = 0.05,
                  residual: CostResidual | None = None, probe_steps: int = 3,
-                 probe_band: float = 0.25):
+                 probe_band: float = 0.25, measured: MeasuredGoodput | None = None, guard: bool = True):
         if not 0 <= min_k <= max_k:
             raise ValueError(f"need 0 <= min_k <= max_k, got {min_k}, {max_k}")
         self.max_k, self.min_k, self.explore, self.floor_every = max_k, min_k, explore, floor_every
@@ -314,6 +323,9 @@ class GoodputController:
         self.acceptance = acceptance or AcceptanceTracker(max_k)
         self.cost = cost or StepCostModel()
         self.residual = residual or CostResidual()
+        self.measured = measured or MeasuredGoodput()
+        self.guard = guard
+        self._accepted = 0.0  # drafts accepted in the step being measured (observe_request)
         self.probe_steps, self._probe, self.probe_band = max(1, probe_steps), [], probe_band
         self._last_k: int | None = None
         self.rng = random.Random(seed)
@@ -335,6 +347,10 @@ class GoodputController:
         best = max(range(self.min_k, self.max_k + 1), key=lambda k: self.goodput(batch_size, k))
         if self.min_k == 0 and best > 0 and self.goodput(batch_size, best) < (1 + self.margin) * self.goodput(batch_size, 0):
             return 0  # a predicted gain inside the model's error is not worth the risk
+        if self.guard and self.min_k == 0 and best > 0:
+            ratio = self.measured.speculation_ratio(batch_size)
+            if ratio is not None and ratio < 1.0:
+                return 0  # measured slower than plain decoding here: the model is wrong
         return best
 
     def choose(self, batch_size: int) -> int:
@@ -379,11 +395,18 @@ class GoodputController:
                 f"{per_token:.2f} ms/verified token + {per_draft:.2f} ms/drafted token + "
                 f"{drafting:.1f} ms when drafting + {verifying:.1f} ms when verifying drafts + "
                 f"{per_prompt:.2f} ms/prefilled token; "
-                f"prefix acceptance [{p}]; kept after the cut [{kept}]; measured/fitted step time [{ratios}]")
+                f"prefix acceptance [{p}]; kept after the cut [{kept}]; measured/fitted step time [{ratios}]; "
+                f"measured speculating/plain tok/s [{self._measured_summary()}]")
+
+    def _measured_summary(self) -> str:
+        sizes = sorted({b for _, b in self.measured.cells})
+        ratios = ((b, self.measured.speculation_ratio(b)) for b in sizes)
+        return ", ".join(f"B~{b}: {r:.2f}" for b, r in ratios if r is not None)
 
     # What the scheduler reports back.
     def observe_request(self, num_drafted: int, num_accepted: int, width: int | None = None) -> None:
         self.acceptance.observe(num_drafted, num_accepted, width)
+        self._accepted += num_accepted
 
     def observe_step(self, batch_size: int, tokens: int, k: int, seconds: float,
                      verifying: bool | None = None, prefill: int = 0) -> None:
@@ -392,6 +415,12 @@ class GoodputController:
         (default: more tokens than requests) and prompt tokens prefilled."""
         features = step_features(batch_size, tokens, k, verifying, prefill)
         resumed = self._last_k == 0 and k > 0  # carries the draft's catch-up: not steady state
+        steady = self._last_k is not None and (self._last_k > 0) == (k > 0) and not prefill
+        if steady and not self.cost.is_outlier(features, seconds):
+            # The requests' outcomes of this step arrived before it is measured
+            # (vLLM reports them as the step finishes): 1 token each + accepted drafts.
+            self.measured.observe(batch_size, k > 0, batch_size + self._accepted, seconds)
+        self._accepted = 0.0
         self._last_k = k
         if tokens + prefill > 0 and not self.cost.is_outlier(features, seconds):
             if not resumed and not prefill:  # the residual is about decode steps only

@@ -326,7 +326,8 @@ class AdaptiveKPatch:
 
                 self._pard_controller = GoodputController(
                     max_k=self.num_spec_tokens, min_k=options.min_speculative_tokens,
-                    explore=options.adaptive_explore, margin=options.adaptive_margin)
+                    explore=options.adaptive_explore, margin=options.adaptive_margin,
+                    guard=options.adaptive_guard)
                 self.dynamic_sd_lookup = self._pard_controller
                 self._pard_auto_cut = options.confidence_threshold == "auto"
                 logger.info("pard-vllm: goodput-adaptive K in [%d, %d]",

@@ -14,6 +14,7 @@ from pard_vllm.adaptive import (AcceptanceTracker, GoodputController, StepCostMo
                                 expected_accepted, length_from_confidence,
                                 lengths_from_confidence, step_features)
 from pard_vllm.config import PardConfigError, resolve_pard_config
+from pard_vllm.measured_goodput import MeasuredGoodput
 
 
 def _controller(a: float, b: float, accept_prefix: list[float], max_k: int = 8) -> GoodputController:
@@ -87,14 +88,14 @@ def _closed_loop(accept: list[float], batch: int, steps: int = 800, seed: int = 
     for _ in range(steps):
         k, tokens = ctl.choose(batch), batch * (1 + prev_k)
         took = seconds(batch, tokens, k) * rng.uniform(0.85, 1.15)
-        ctl.observe_step(batch, tokens, k, took)
-        for _ in range(batch):
+        for _ in range(batch):  # as in vLLM: the step's outcomes arrive before it is timed
             n = 0
             while n < prev_k and rng.random() < accept[n]:
                 n += 1
             if prev_k:
                 ctl.observe_request(prev_k, n)
             made += 1 + n
+        ctl.observe_step(batch, tokens, k, took)
         spent, prev_k = spent + took, k
     best = max(batch * (1 + sum(math.prod(accept[:i + 1]) for i in range(k))) / seconds(batch, batch * (1 + k), k)
                for k in range(9))
@@ -346,3 +347,26 @@ def test_a_gain_inside_the_margin_does_not_speculate():
         for r in range(4000):
             ctl.observe_request(1, 1 if (r * p) % 1 + p >= 1 else 0)
         assert ctl.best_k(1) == expected, (margin, ctl.goodput(1, 1) / ctl.goodput(1, 0))
+
+
+def test_measured_slower_speculation_overrules_the_model():
+    """The model predicts K = 1 pays at batch 4 (50% acceptance, cheap tokens),
+    but steady K = 1 steps there have measured 6 tokens in 80 ms (75 tok/s)
+    against 4 in 42 ms (95 tok/s) for steady plain steps: a cost the features
+    cannot see. So K = 0 at batch 4. At batch 1, where speculating measured
+    faster (2 tokens in 46 ms against 1 in 40.5 ms), and with the guard off,
+    the model's choice stands."""
+    for guard, expected in ((True, 0), (False, 1)):
+        ctl = _controller(0.040, 0.0005, [0.5], max_k=1)
+        ctl.guard, ctl.measured = guard, MeasuredGoodput()  # measured from here on
+        assert ctl.best_k(4) == 1  # what the model alone says
+        for batch, spec_seconds, accepted in ((4, 0.080, 2), (1, 0.046, 1)):
+            for k in [0] * 6 + [1] * 6:
+                if k and ctl._last_k:  # this step verifies the drafts of the one before
+                    for r in range(batch):
+                        ctl.observe_request(1, int(r < accepted))
+                seconds = spec_seconds if k else 0.040 + 0.0005 * batch
+                ctl.observe_step(batch, batch * (1 + k), k, seconds=seconds)
+        ratio4, ratio1 = ctl.measured.speculation_ratio(4), ctl.measured.speculation_ratio(1)
+        assert ratio4 == pytest.approx(75 / 95.2, rel=0.01) and ratio1 > 1.5, (ratio4, ratio1)
+        assert ctl.best_k(4) == expected and ctl.best_k(1) == 1
