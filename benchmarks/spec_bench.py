@@ -43,7 +43,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import specbench_data  # noqa: E402
-from specbench_common import METHODS, base_name, environment, method_spec, unsupported_reason  # noqa: E402
+from specbench_common import DRAFTED_METHODS, METHODS, base_name, environment, method_spec, unsupported_reason  # noqa: E402
 
 #: quick: the 15-minute smoke run on a 2-core CPU; full: the published matrix.
 PRESETS = {
@@ -102,9 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def resolve_models(args) -> None:
     if args.target and args.draft:
         return
-    drafted = ("vsd", "vllm_parallel", "pard", "pard_fullhead", "pard_adaptive", "pard_adaptive_noguard",
-               "pard_confidence")
-    needs_draft = any(base_name(m) in drafted for m in args.methods)
+    needs_draft = any(base_name(m) in DRAFTED_METHODS for m in args.methods)
     if args.target is None or (args.draft is None and needs_draft):
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from pard_vllm.prepare import prepare

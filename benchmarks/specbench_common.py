@@ -15,6 +15,8 @@ import platform
 
 METHODS = ("ar", "vsd", "vllm_parallel", "pard", "pard_fullhead", "pard_adaptive", "pard_adaptive_noguard",
            "pard_confidence", "ngram", "suffix")
+#: The methods that run a draft model (the rest need only the target).
+DRAFTED_METHODS = frozenset(METHODS) - {"ar", "ngram", "suffix"}
 
 SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
                  "vllm:spec_decode_num_accepted_tokens")

@@ -347,10 +347,9 @@ class GoodputController:
         best = max(range(self.min_k, self.max_k + 1), key=lambda k: self.goodput(batch_size, k))
         if self.min_k == 0 and best > 0 and self.goodput(batch_size, best) < (1 + self.margin) * self.goodput(batch_size, 0):
             return 0  # a predicted gain inside the model's error is not worth the risk
-        if self.guard and self.min_k == 0 and best > 0:
-            ratio = self.measured.speculation_ratio(batch_size)
-            if ratio is not None and ratio < 1.0:
-                return 0  # measured slower than plain decoding here: the model is wrong
+        ratio = self.measured.speculation_ratio(batch_size) if self.guard and self.min_k == 0 and best > 0 else None
+        if ratio is not None and ratio < 1.0:
+            return 0  # measured slower than plain decoding here: the model is wrong
         return best
 
     def choose(self, batch_size: int) -> int:
@@ -416,13 +415,14 @@ class GoodputController:
         features = step_features(batch_size, tokens, k, verifying, prefill)
         resumed = self._last_k == 0 and k > 0  # carries the draft's catch-up: not steady state
         steady = self._last_k is not None and (self._last_k > 0) == (k > 0) and not prefill
-        if steady and not self.cost.is_outlier(features, seconds):
+        outlier = self.cost.is_outlier(features, seconds)
+        if steady and not outlier:
             # The requests' outcomes of this step arrived before it is measured
             # (vLLM reports them as the step finishes): 1 token each + accepted drafts.
             self.measured.observe(batch_size, k > 0, batch_size + self._accepted, seconds)
         self._accepted = 0.0
         self._last_k = k
-        if tokens + prefill > 0 and not self.cost.is_outlier(features, seconds):
+        if tokens + prefill > 0 and not outlier:
             if not resumed and not prefill:  # the residual is about decode steps only
                 self.residual.observe(batch_size, k, seconds, features)
             self.cost.observe(features, seconds)
