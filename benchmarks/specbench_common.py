@@ -103,12 +103,15 @@ def environment() -> dict:
     """Versions and machine, stamped on every record."""
     import torch
     import vllm
+    from vllm.plugins import load_general_plugins
 
+    load_general_plugins()  # what every engine does first: our CPU defaults are then in os.environ
     return {
         "vllm_version": vllm.__version__,
         "torch_version": torch.__version__,
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "vllm_cpu_num_of_reserved_cpu": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU"),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -64,3 +64,32 @@ def test_heap_trimmer_every_n_steps_and_switch(monkeypatch):
     monkeypatch.setenv("PARD_VLLM_MALLOC_TRIM_STEPS", "often")
     with pytest.raises(ValueError, match="step count"):
         HeapTrimmer()
+
+
+def test_reserved_core_default_only_on_small_cpu_hosts_and_never_over_the_user():
+    from pard_vllm.patches import CpuReservedCoreDefault as P
+
+    assert P.wanted(True, 2, {})
+    assert P.wanted(True, 1, {})
+    assert not P.wanted(True, 3, {})  # more cores: vLLM's default (not measured here)
+    assert not P.wanted(False, 2, {})  # GPU platforms are never touched
+    assert not P.wanted(True, 2, {P.VAR: "1"})  # the user's choice stands
+
+
+def test_plugin_load_gives_the_worker_every_core_here():
+    """In a fresh process, loading vLLM's plugins (what every vLLM entry point does)
+    sets the variable exactly when this host has at most two usable cores, and a
+    value already set survives."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os; from vllm.plugins import load_general_plugins; load_general_plugins(); "
+            "print(os.environ.get('VLLM_CPU_NUM_OF_RESERVED_CPU'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_CPU_NUM_OF_RESERVED_CPU", "PARD_VLLM_DISABLE")}
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    small = len(os.sched_getaffinity(0)) <= 2
+    assert got.stdout.strip().splitlines()[-1] == ("0" if small else "None")
+    env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "1"
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert got.stdout.strip().splitlines()[-1] == "1"
