@@ -76,3 +76,18 @@ def test_cli_writes_train_and_disjoint_held_out(tmp_path):
     test = [json.loads(line) for line in held.read_text().splitlines()]
     assert len(train) == 50 and len(test) == 10
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+
+
+def test_exclude_makes_a_new_set_that_only_adds_prompts(tmp_path):
+    """--exclude: a second set (same seed even) repeats none of the first set's prompts,
+    nor its held-out slice; a missing file is one line and writes nothing."""
+    first, held, second = tmp_path / "a.jsonl", tmp_path / "h.jsonl", tmp_path / "b.jsonl"
+    cmd = [sys.executable, "-m", "pard_vllm.training.prompts", "--n", "40", "--mix", "0.2,0.4,0.4,0"]
+    subprocess.run(cmd + ["--out", str(first), "--eval-n", "10", "--eval-out", str(held)], check=True,
+                   capture_output=True)
+    subprocess.run(cmd + ["--out", str(second), "--exclude", str(first), str(held)], check=True, capture_output=True)
+    prompts = [{json.loads(line)["prompt"] for line in f.read_text().splitlines()} for f in (first, held, second)]
+    assert len(prompts[2]) == 40 and not prompts[2] & (prompts[0] | prompts[1])
+    r = subprocess.run(cmd + ["--out", str(tmp_path / "c.jsonl"), "--exclude", str(tmp_path / "nope.jsonl")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "does not exist" in r.stderr and not (tmp_path / "c.jsonl").exists()

@@ -122,6 +122,37 @@ def test_negative_ce_weight_is_one_line_and_writes_nothing(tiny_data, tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_grown_draft_starts_where_the_draft_was_and_resumes(embedded, tiny_data, tmp_path):
+    """--grow appends target layers with zeroed outputs: the same function at step 0,
+    one more layer in the written checkpoint, and --resume rebuilds the grown shape."""
+    from pard_vllm.cli import main
+    from pard_vllm.training.model import grow_draft, load_draft
+
+    base = load_draft(embedded["target"], [0, 1])
+    grown = load_draft(embedded["target"], [0, 1])
+    grow_draft(grown, embedded["target"], [2, 3])
+    ids = torch.tensor([[1, 504, 3458, 314, 260, 1345, 30]])
+    with torch.no_grad():
+        assert len(grown.model.layers) == 4
+        assert torch.equal(base(ids).logits, grown(ids).logits)
+    with pytest.raises(SystemExit, match="has 30; grow by fewer"):
+        grow_draft(grown, embedded["target"], [30])
+
+    out = tmp_path / "grown"
+    args = ["train", "--data", str(tiny_data), "--out", str(out), "--layers", "1", "--grow", "1", "--k", "4",
+            "--batch-size", "2", "--seq-len", "256", "--loss", "ce", "--head", "sampled", "--negatives", "256"]
+    assert main(args + ["--max-steps", "2"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 2 and cfg["pard_train"]["layer_ids"] == [0, 1]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "model.safetensors"))
+    assert float(weights["model.layers.1.self_attn.o_proj.weight"].abs().sum()) > 0  # the new layer learns
+    assert main(args + ["--max-steps", "3", "--resume"]) == 0
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
 def test_hook_matches_dense_mask_and_plain_causal(embedded, tiny_data):
     from pard_vllm.training.distill import load_shards
     from pard_vllm.training.model import PardLayout, attention_backend, load_draft, set_pard_attention

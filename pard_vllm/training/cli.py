@@ -70,6 +70,8 @@ def add_training_commands(sub) -> None:
     t.add_argument("--k", type=int, default=8, help="parallel draft tokens trained (blocks)")
     t.add_argument("--layers", type=int, help="keep only the first N decoder layers of --draft")
     t.add_argument("--layer-ids", help="comma-separated decoder layers of --draft to keep, e.g. 0,1,29")
+    t.add_argument("--grow", type=int, default=0, help="append N more of the target's layers (the ones after the "
+                   "draft's) with zero-initialised outputs: a deeper draft that starts exactly where --draft is")
     t.add_argument("--cod-r", type=float, default=0.7, help="conditional-drop ratio (0 disables COD)")
     t.add_argument("--cod-min", type=float, default=0.2)
     t.add_argument("--loss", choices=["ce", "kd", "ce+kd"], default="ce")

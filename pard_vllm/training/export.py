@@ -60,8 +60,18 @@ def _train_record(src: Path) -> dict:
     rec["train_command"] = train_command(config)
     meta = sorted(Path(config.get("data", "")).glob("*-meta.json")) if config.get("data") else []
     if meta:
-        rec["distill"] = [json.loads(m.read_text()) for m in meta]
+        # A training folder may link shards of several distillations (its meta files are
+        # links too): record the folder each one was written to.
+        rec["distill"] = [dict(json.loads(m.read_text()), out=_relative(m.resolve().parent)) for m in meta]
     return rec
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the working directory when it is inside it (commands run from the repo root)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def inherited_layer_ids(record: dict | None) -> list[int] | None:
@@ -181,7 +191,12 @@ def _provenance(cfg: dict, size: int) -> str:
             flags += ["--seed", str(d["seed"])]
         if d.get("limit"):  # only the first N prompts were distilled
             flags += ["--limit", str(d["limit"])]
-        lines.append("pard-vllm distill " + shlex.join(flags + ["--out", t["train_config"]["data"]]))
+        if d.get("dtype", "float32") != "float32":
+            flags += ["--dtype", d["dtype"]]
+        lines.append("pard-vllm distill " + shlex.join(flags + ["--out", d.get("out") or t["train_config"]["data"]]))
+    outs = {d.get("out") for d in t.get("distill", [])} - {None, t["train_config"]["data"]}
+    if outs:
+        lines.append(f"# {t['train_config']['data']} holds links to the shards and meta files of {', '.join(sorted(outs))}")
     if t.get("train_command"):
         lines.append(t["train_command"] + "  # equivalent to the run's command; read from its checkpoint")
     if e.get("command"):

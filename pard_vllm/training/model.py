@@ -110,6 +110,40 @@ def load_draft(src: str, layer_ids: list[int] | None = None, dtype=torch.float32
     return model
 
 
+def grow_draft(model, source: str, layer_ids: list[int]) -> None:
+    """Append ``layer_ids`` decoder layers of ``source`` (the target) to a trained draft.
+
+    The new layers' output projections (attention ``o_proj``, MLP ``down_proj``) are
+    zeroed, so each adds nothing to the residual stream at first: the grown draft
+    computes exactly what the trained one did (its acceptance is kept, not reset) and
+    training decides what the extra depth adds. The zeroed matrices get gradients from
+    the first step; the rest of each new layer learns once they are non-zero.
+
+    E.g. a draft trained from the target's layers [0, 1], grown by [2, 3], is a 4-layer
+    draft whose first forward equals the 2-layer one's.
+    """
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    src = AutoModelForCausalLM.from_pretrained(source, dtype=model.dtype)
+    n = len(src.model.layers)
+    bad = [i for i in layer_ids if not 0 <= i < n]
+    if bad:
+        raise SystemExit(f"error: --grow would copy layers {bad}, but {source} has {n}; grow by fewer layers")
+    first = len(model.model.layers)
+    for offset, i in enumerate(layer_ids):
+        layer = copy.deepcopy(src.model.layers[i]).to(model.device)
+        layer.self_attn.layer_idx = first + offset
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+        model.model.layers.append(layer)
+    model.config.num_hidden_layers = len(model.model.layers)
+    if getattr(model.config, "layer_types", None):
+        src_types = src.config.layer_types
+        model.config.layer_types = list(model.config.layer_types) + [src_types[i] for i in layer_ids]
+
+
 def set_pard_attention(model) -> None:
     register_pard_attention()
     model.set_attn_implementation("pard")

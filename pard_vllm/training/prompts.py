@@ -328,7 +328,14 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-n", type=int, default=0, help="also write a held-out slice of this size")
     ap.add_argument("--eval-out")
     ap.add_argument("--mix", default="0.4,0.2,0.4,0", help="shares of code,math,chat,stub prompts (sum 1)")
+    ap.add_argument("--exclude", nargs="*", default=[],
+                    help="prompt files (JSONL) whose prompts must not be generated again, e.g. an earlier "
+                         "training set and its held-out slice, so a new set only adds data")
     args = ap.parse_args(argv)
+    missing = [f for f in args.exclude if not Path(f).is_file()]
+    if missing:
+        ap.error(f"--exclude file {missing[0]} does not exist; pass prompt files written by this command")
+    exclude = {r["prompt"] for f in args.exclude for r in read_prompts(f) if "prompt" in r}
     try:
         mix = tuple(float(x) for x in args.mix.split(","))
         if len(mix) != 4:
@@ -336,13 +343,13 @@ def main(argv=None) -> int:
     except ValueError:
         ap.error(f"--mix takes four comma-separated numbers code,math,chat,stub, e.g. 0.3,0.2,0.25,0.25 (got {args.mix!r})")
     try:
-        train = generate(args.n, args.seed, mix)
+        train = generate(args.n, args.seed, mix, exclude=exclude)
     except ValueError as e:
         ap.error(str(e))
     write_jsonl(train, args.out)
     print(f"wrote {len(train)} prompts to {args.out}")
     if args.eval_n:
-        held = generate(args.eval_n, args.seed + 1000, mix, exclude={r["prompt"] for r in train})
+        held = generate(args.eval_n, args.seed + 1000, mix, exclude=exclude | {r["prompt"] for r in train})
         write_jsonl(held, args.eval_out or str(Path(args.out).with_name("eval_prompts.jsonl")))
         print(f"wrote {len(held)} held-out prompts")
     return 0

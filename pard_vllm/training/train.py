@@ -29,7 +29,8 @@ import torch
 from pard_vllm.training import data as D
 from pard_vllm.training.export import inherited_layer_ids
 from pard_vllm.training.losses import head_and_loss
-from pard_vllm.training.model import PardLayout, load_draft, rope_theta_of, save_draft, set_pard_attention
+from pard_vllm.training.model import (PardLayout, grow_draft, load_draft, rope_theta_of, save_draft,
+                                      set_pard_attention)
 
 DEFAULT_MASK_TOKEN = 16  # SmolLM2's <empty_output>, never produced by real text
 
@@ -43,6 +44,7 @@ class TrainConfig:
     k: int = 8
     layers: int | None = None
     layer_ids: str | None = None
+    grow: int = 0  # append this many target layers (zero-initialised outputs) after the draft's
     cod_r: float = 0.7
     cod_min: float = 0.2
     loss: str = "ce"
@@ -160,8 +162,11 @@ def train(cfg: TrainConfig) -> dict:
     ckpt_path = out / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, weights_only=False) if cfg.resume and ckpt_path.exists() else None
     if ckpt is not None:  # the architecture comes from the run being resumed
-        for key in ("draft", "layers", "layer_ids", "k", "mask_token", "head"):
-            setattr(cfg, key, ckpt["config"][key])
+        saved = {"grow": 0, **ckpt["config"]}  # runs saved before --grow existed did not grow
+        for key in ("draft", "layers", "layer_ids", "grow", "k", "mask_token", "head"):
+            setattr(cfg, key, saved[key])
+    if cfg.grow < 0:
+        raise SystemExit(f"error: --grow {cfg.grow} is negative; pass the number of layers to add (e.g. 2)")
     if not cfg.draft or not cfg.target:
         from pard_vllm.prepare import prepare
 
@@ -172,6 +177,15 @@ def train(cfg: TrainConfig) -> dict:
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
 
     model = load_draft(cfg.draft, _layer_ids(cfg)).to(device)
+    earlier = _earlier_training(cfg.draft)
+    layer_ids = _layer_ids(cfg) or inherited_layer_ids(earlier)
+    if cfg.grow:
+        if layer_ids is None or len(layer_ids) != len(model.model.layers):
+            raise SystemExit(f"error: --grow needs to know which target layers {cfg.draft} holds; start from a "
+                             "draft written by `pard-vllm train` or pass --layers/--layer-ids")
+        new_ids = list(range(max(layer_ids) + 1, max(layer_ids) + 1 + cfg.grow))
+        grow_draft(model, cfg.target, new_ids)
+        layer_ids = layer_ids + new_ids
     set_pard_attention(model)
     if cfg.head != "full":
         model.get_input_embeddings().weight.requires_grad_(False)
@@ -220,11 +234,9 @@ def train(cfg: TrainConfig) -> dict:
               f"mask={cfg.mask_token}, world={world}, "
               f"resume_step={state['step']}", flush=True)
 
-    earlier = _earlier_training(cfg.draft)
-
     def export():
         record = {"step": state["step"], "train_seconds": round(state["train_seconds"], 1),
-                  "layer_ids": _layer_ids(cfg) or inherited_layer_ids(earlier)}
+                  "layer_ids": layer_ids}
         if earlier:
             record["continued_from"] = earlier
         save_draft(model, out, cfg.draft, cfg.mask_token, cfg.k, rope, extra={"pard_train": record})
