@@ -122,26 +122,22 @@ def grow_draft(model, source: str, layer_ids: list[int]) -> None:
     E.g. a draft trained from the target's layers [0, 1], grown by [2, 3], is a 4-layer
     draft whose first forward equals the 2-layer one's.
     """
-    import copy
+    from transformers import AutoConfig
 
-    from transformers import AutoModelForCausalLM
-
-    src = AutoModelForCausalLM.from_pretrained(source, dtype=model.dtype)
-    n = len(src.model.layers)
+    n = AutoConfig.from_pretrained(source).num_hidden_layers
     bad = [i for i in layer_ids if not 0 <= i < n]
     if bad:
         raise SystemExit(f"error: --grow would copy layers {bad}, but {source} has {n}; grow by fewer layers")
+    donor = load_draft(source, layer_ids, dtype=model.dtype)  # the cut, renumbered from 0
     first = len(model.model.layers)
-    for offset, i in enumerate(layer_ids):
-        layer = copy.deepcopy(src.model.layers[i]).to(model.device)
+    for offset, layer in enumerate(donor.model.layers):
         layer.self_attn.layer_idx = first + offset
         torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
         torch.nn.init.zeros_(layer.mlp.down_proj.weight)
-        model.model.layers.append(layer)
+        model.model.layers.append(layer.to(model.device))
     model.config.num_hidden_layers = len(model.model.layers)
     if getattr(model.config, "layer_types", None):
-        src_types = src.config.layer_types
-        model.config.layer_types = list(model.config.layer_types) + [src_types[i] for i in layer_ids]
+        model.config.layer_types = list(model.config.layer_types) + list(donor.config.layer_types)
 
 
 def set_pard_attention(model) -> None:
