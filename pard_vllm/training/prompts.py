@@ -13,6 +13,9 @@ draft must never see those prompts. Instead we mix four families that cover the 
 * math: templated arithmetic word problems with random quantities (our own templates);
 * chat: templated instructions (explain, list, write, compare, role-play) over topic lists.
 
+A fifth family, requests written by the target itself, needs an engine and lives in
+``self_prompts.py`` (the templates above saturate after a few thousand prompts).
+
 Everything is seeded, so ``--seed`` reproduces a file exactly. The held-out evaluation
 slice is made with a different seed and filtered against the training prompts.
 
