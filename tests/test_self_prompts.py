@@ -45,7 +45,10 @@ def test_filter_rejects_benchmark_overlap_duplicates_and_repeated_openings():
 
 
 @pytest.mark.parametrize("args,msg", [(["--n", "0"], "--n must be at least 1"),
-                                      (["--exclude", "/nonexistent.jsonl"], "does not exist")])
+                                      (["--exclude", "/nonexistent.jsonl"], "does not exist"),
+                                      (["--categories", " , "], "at least one heading"),
+                                      (["--example-mix", "1,0,0"], "--example-mix takes four"),
+                                      (["--example-mix", "0.5,0.6,0,0"], "--example-mix takes four")])
 def test_bad_arguments_are_one_line(tmp_path, args, msg):
     r = subprocess.run([sys.executable, "-m", "pard_vllm.training.self_prompts", "--out", str(tmp_path / "p.jsonl"),
                         *args], capture_output=True, text=True)

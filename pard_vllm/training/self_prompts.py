@@ -28,6 +28,8 @@ GSM8K or MT-Bench prompt or with an ``--exclude`` file, so the benchmarks never 
 
     python -m pard_vllm.training.self_prompts --n 4000 --seed 31 --out runs/data/prompts-self.jsonl \\
         --exclude runs/data/prompts.jsonl runs/data/eval_prompts.jsonl
+    # code requests only: one heading, code-template examples
+    python -m pard_vllm.training.self_prompts --n 2000 --categories coding --example-mix 1,0,0,0 ...
 """
 
 from __future__ import annotations
@@ -123,18 +125,24 @@ class PromptFilter:
 
 
 def write_prompts(llm, n: int, seed: int, flt: PromptFilter, calls_per_round: int = 256,
-                  max_tokens: int = 160, max_rounds: int = 200) -> list[dict]:
-    """``n`` kept requests as ``{"id", "kind": "self", "prompt"}`` rows, generated with ``llm`` (a vLLM LLM)."""
+                  max_tokens: int = 160, max_rounds: int = 200, categories: list[str] | None = None,
+                  example_mix=(0.15, 0.15, 0.7, 0.0)) -> list[dict]:
+    """``n`` kept requests as ``{"id", "kind": "self", "prompt"}`` rows, generated with ``llm`` (a vLLM LLM).
+
+    ``categories``: the headings to draw from (default ``CATEGORIES``); ``example_mix``: the
+    code/math/chat/stub shares of the few-shot examples (``prompts.generate``'s ``mix``),
+    e.g. ``(1, 0, 0, 0)`` with ``["coding"]`` for code requests."""
     from vllm import SamplingParams
 
     rng = random.Random(seed)
-    examples = [r["prompt"] for r in generate(600, seed=seed, mix=(0.15, 0.15, 0.7, 0.0)) if "\n" not in r["prompt"]]
+    categories = categories or CATEGORIES
+    examples = [r["prompt"] for r in generate(600, seed=seed, mix=example_mix) if "\n" not in r["prompt"]]
     flt.ban(examples)  # a copied example is a templated prompt, not a new one
     rows: list[dict] = []
     for round_i in range(max_rounds):
         if len(rows) >= n:
             break
-        calls = [few_shot(rng, examples, rng.choice(CATEGORIES)) for _ in range(calls_per_round)]
+        calls = [few_shot(rng, examples, rng.choice(categories)) for _ in range(calls_per_round)]
         params = [SamplingParams(temperature=0.9, top_p=0.95, max_tokens=max_tokens, stop=["\n\n"],
                                  seed=seed * 1_000_003 + round_i * calls_per_round + i) for i in range(len(calls))]
         for out in llm.generate(calls, params, use_tqdm=False):
@@ -157,12 +165,27 @@ def main(argv=None) -> int:
     ap.add_argument("--exclude", nargs="*", default=[],
                     help="prompt files (JSONL) no request may share 8 words with (earlier training and held-out sets)")
     ap.add_argument("--dtype", default="bfloat16", help="the target's dtype while writing requests")
+    ap.add_argument("--categories", help="comma-separated headings, e.g. coding (default: all %d built-in ones)"
+                    % len(CATEGORIES))
+    ap.add_argument("--example-mix", default="0.15,0.15,0.7,0",
+                    help="code,math,chat,stub shares of the few-shot examples (as prompts.py --mix), e.g. 1,0,0,0")
     args = ap.parse_args(argv)
     if args.n < 1:
         ap.error(f"--n must be at least 1 (got {args.n})")
     missing = [f for f in args.exclude if not Path(f).is_file()]
     if missing:
         ap.error(f"--exclude file {missing[0]} does not exist; pass prompt files (JSONL) of earlier sets")
+    categories = [c.strip() for c in (args.categories or "").split(",") if c.strip()] or None
+    if args.categories is not None and not categories:
+        ap.error("--categories needs at least one heading, e.g. --categories coding")
+    try:
+        example_mix = tuple(float(x) for x in args.example_mix.split(","))
+        if len(example_mix) != 4:
+            raise ValueError
+        generate(1, mix=example_mix)  # checks the shares up front, before an engine starts
+    except ValueError:
+        ap.error(f"--example-mix takes four non-negative shares code,math,chat,stub summing to 1, e.g. 1,0,0,0 "
+                 f"(got {args.example_mix!r})")
 
     from vllm import LLM
 
@@ -178,7 +201,8 @@ def main(argv=None) -> int:
         target = prepare()["target"]
     llm = LLM(model=str(target), dtype=args.dtype, max_model_len=1024, enforce_eager=True, seed=args.seed,
               max_num_seqs=256, **kv_cache_kwargs())
-    rows = write_prompts(llm, args.n, args.seed, PromptFilter(banned))
+    rows = write_prompts(llm, args.n, args.seed, PromptFilter(banned), categories=categories,
+                         example_mix=example_mix)
     write_jsonl(rows, args.out)
     print(f"wrote {len(rows)} prompts to {args.out}")
     return 0
