@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pard_vllm.eval_sets import BUILTIN, LOADERS, gsm8k, humaneval, mtbench, package_dir  # noqa: F401
+from pard_vllm.eval_sets import BUILTIN, LOADERS
 
 
 def pick(items: list, n: int | None) -> list:

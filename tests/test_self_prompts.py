@@ -48,7 +48,7 @@ def test_filter_rejects_benchmark_overlap_duplicates_and_repeated_openings():
                                       (["--exclude", "/nonexistent.jsonl"], "does not exist"),
                                       (["--categories", " , "], "at least one heading"),
                                       (["--example-mix", "1,0,0"], "--example-mix takes four"),
-                                      (["--example-mix", "0.5,0.6,0,0"], "--example-mix takes four")])
+                                      (["--example-mix", "0.5,0.6,0,0"], "--example-mix must be four non-negative shares")])
 def test_bad_arguments_are_one_line(tmp_path, args, msg):
     r = subprocess.run([sys.executable, "-m", "pard_vllm.training.self_prompts", "--out", str(tmp_path / "p.jsonl"),
                         *args], capture_output=True, text=True)

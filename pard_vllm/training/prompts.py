@@ -275,12 +275,30 @@ def _chat_prompt(rng: random.Random) -> str:
     return rng.choice(CHAT_TEMPLATES).format(topic=t1, topic2=t2)
 
 
-def generate(n: int, seed: int = 0, mix=(0.4, 0.2, 0.4, 0.0), exclude: set[str] | None = None) -> list[dict]:
-    """``n`` distinct prompts as ``{"id", "kind", "prompt"}``, mixed code/math/chat/stub by ``mix``."""
+def check_mix(mix) -> tuple[float, ...]:
+    """``mix`` (code, math, chat[, stub] shares) as four floats; ValueError unless they are non-negative and sum to 1."""
     if len(mix) == 3:
         mix = (*mix, 0.0)
-    if any(m < 0 for m in mix) or abs(sum(mix) - 1) > 1e-6:
+    if len(mix) != 4 or any(m < 0 for m in mix) or abs(sum(mix) - 1) > 1e-6:
         raise ValueError(f"--mix must be four non-negative shares (code,math,chat,stub) summing to 1, got {mix}")
+    return tuple(float(m) for m in mix)
+
+
+def parse_mix(text: str) -> tuple[float, ...]:
+    """``"0.3,0.2,0.25,0.25"`` -> checked shares; ValueError (with the fix) otherwise."""
+    try:
+        mix = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        mix = ()
+    if len(mix) != 4:
+        raise ValueError(f"--mix takes four comma-separated numbers code,math,chat,stub, e.g. 0.3,0.2,0.25,0.25 "
+                         f"(got {text!r})")
+    return check_mix(mix)
+
+
+def generate(n: int, seed: int = 0, mix=(0.4, 0.2, 0.4, 0.0), exclude: set[str] | None = None) -> list[dict]:
+    """``n`` distinct prompts as ``{"id", "kind", "prompt"}``, mixed code/math/chat/stub by ``mix``."""
+    mix = check_mix(mix)
     rng = random.Random(seed)
     funcs = stdlib_functions(seed)
     stubs = stdlib_stubs(exclude_names=humaneval_entry_points()) if mix[3] > 0 else []
@@ -340,15 +358,10 @@ def main(argv=None) -> int:
         ap.error(f"--exclude file {missing[0]} does not exist; pass prompt files written by this command")
     exclude = {r["prompt"] for f in args.exclude for r in read_prompts(f) if "prompt" in r}
     try:
-        mix = tuple(float(x) for x in args.mix.split(","))
-        if len(mix) != 4:
-            raise ValueError
-    except ValueError:
-        ap.error(f"--mix takes four comma-separated numbers code,math,chat,stub, e.g. 0.3,0.2,0.25,0.25 (got {args.mix!r})")
-    try:
-        train = generate(args.n, args.seed, mix, exclude=exclude)
+        mix = parse_mix(args.mix)
     except ValueError as e:
         ap.error(str(e))
+    train = generate(args.n, args.seed, mix, exclude=exclude)
     write_jsonl(train, args.out)
     print(f"wrote {len(train)} prompts to {args.out}")
     if args.eval_n:

@@ -40,7 +40,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from pard_vllm.training.prompts import generate, read_prompts, write_jsonl
+from pard_vllm.training.prompts import generate, parse_mix, read_prompts, write_jsonl
 
 CATEGORIES = [
     "writing", "role-play", "reasoning", "math", "coding", "extracting information from a text",
@@ -77,8 +77,9 @@ def words(text: str) -> list[str]:
     return WORD.findall(text.lower())
 
 
-def shingles(text: str, n: int = 8) -> set[tuple[str, ...]]:
-    w = words(text)
+def shingles(text: str, n: int = 8, w: list[str] | None = None) -> set[tuple[str, ...]]:
+    """Every run of ``n`` consecutive words (``w``: the text's ``words`` when already split)."""
+    w = words(text) if w is None else w
     return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
 
 
@@ -98,8 +99,7 @@ class PromptFilter:
         for t in texts:
             self.banned |= shingles(t, self.shingle)
 
-    def _reason(self, text: str) -> str | None:
-        w = words(text)
+    def _reason(self, text: str, w: list[str]) -> str | None:
         if not 20 <= len(text) <= 400 or len(w) < 4:
             return "length"
         if "http" in text or "www." in text:
@@ -109,16 +109,16 @@ class PromptFilter:
             return "duplicate"
         if self.openings[tuple(w[:4])] >= self.max_same_opening:
             return "same opening"
-        if shingles(text, self.shingle) & self.banned:
+        if not self.banned.isdisjoint(shingles(text, self.shingle, w)):
             return "overlaps a benchmark or excluded prompt"
         return None
 
     def keep(self, text: str) -> bool:
-        reason = self._reason(text)
+        w = words(text)
+        reason = self._reason(text, w)
         if reason:
             self.rejected[reason] += 1
             return False
-        w = words(text)
         self.seen.add(" ".join(w))
         self.openings[tuple(w[:4])] += 1
         return True
@@ -179,13 +179,9 @@ def main(argv=None) -> int:
     if args.categories is not None and not categories:
         ap.error("--categories needs at least one heading, e.g. --categories coding")
     try:
-        example_mix = tuple(float(x) for x in args.example_mix.split(","))
-        if len(example_mix) != 4:
-            raise ValueError
-        generate(1, mix=example_mix)  # checks the shares up front, before an engine starts
-    except ValueError:
-        ap.error(f"--example-mix takes four non-negative shares code,math,chat,stub summing to 1, e.g. 1,0,0,0 "
-                 f"(got {args.example_mix!r})")
+        example_mix = parse_mix(args.example_mix)  # checked before an engine starts
+    except ValueError as e:
+        ap.error(str(e).replace("--mix", "--example-mix"))
 
     from vllm import LLM
 
