@@ -17,7 +17,8 @@ a constant in this process) and runs, on the same prompts and batches:
 It prints tokens/s and the ratio to ``ar`` per batch size, measured in one run.
 This VM's speed drifts by 10-20% over minutes, so the methods run in turn
 ``--passes`` times and each cell reports its best pass (all passes are kept in
-the JSON).
+the JSON). ``--breakdown`` also prints milliseconds per engine step split by
+vLLM function (``step_timers.py``), to show which part of a step differs.
 Greedy unless ``--temperature``, fp32, eager, HumanEval prompts, the engine in
 this process (so the constant controller reaches the scheduler).
 """
@@ -36,6 +37,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # scheduler in this process
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import specbench_data  # noqa: E402
+import step_timers  # noqa: E402
 from specbench_common import environment  # noqa: E402
 from specbench_offline import free_engine, make_engine, run_cell  # noqa: E402
 
@@ -51,6 +53,21 @@ def pin_k_to_zero() -> None:
     GoodputController.__getitem__ = GoodputController.choose
 
 
+def print_breakdown(rows: list[dict]) -> None:
+    """Mean over passes of ms per engine step, one column per (method, batch)."""
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((r["method"], r["batch_size"]), []).append(r["ms_per_step"])
+    labels = [k for k in next(iter(cells.values()))[0] if k != "steps"]
+    keys = sorted(cells, key=lambda k: (k[1], k[0]))
+    print("\nms per engine step (mean of passes)\n" + " " * 24
+          + "".join(f"{m[:11]:>12s}" for m, _ in keys) + "\n" + " " * 24
+          + "".join(f"{'b=' + str(b):>12s}" for _, b in keys))
+    for label in labels + ["steps"]:
+        vals = [sum(p[label] for p in cells[k]) / len(cells[k]) for k in keys]
+        print(f"{label:24s}" + "".join(f"{v:12.2f}" for v in vals))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch-sizes", default="4,16,64")
@@ -61,6 +78,8 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="sampling temperature (spec_bench's seeds, so outputs still compare)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time each part of an engine step (step_timers.py) and print ms per step")
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args()
 
@@ -72,6 +91,8 @@ def main() -> None:
                                   max_model_len=1024, batch_sizes=batch_sizes)
     prompts = specbench_data.load(["humaneval"], args.num_prompts)["humaneval"]
     pin_k_to_zero()
+    if args.breakdown:
+        step_timers.install()
     rows = []
     for method in [m for _ in range(args.passes) for m in args.methods.split(",")]:
         spec = None
@@ -82,11 +103,14 @@ def main() -> None:
         try:
             run_cell(llm, prompts[:max(batch_sizes)], max(batch_sizes), 0, 16, _NoBar())  # warm-up
             for b in batch_sizes:
+                step_timers.reset()
                 ids, secs, _ = run_cell(llm, prompts, b, args.temperature, args.max_tokens, _NoBar())
                 ntok = sum(len(x) for x in ids)
                 rows.append({"method": method, "batch_size": b, "tokens_per_s": ntok / secs,
                              "output_tokens": ntok, "_ids": ids})
                 print(f"{method:12s} b={b:3d} {ntok / secs:7.1f} tok/s", flush=True)
+                if args.breakdown:
+                    rows[-1]["ms_per_step"] = step_timers.per_step_ms()
         finally:
             free_engine(llm)
 
@@ -104,6 +128,8 @@ def main() -> None:
         r.update(vs_ar=ratio, identical=same)
         print(f"{r['method']:12s} {r['batch_size']:6d} {r['tokens_per_s']:6.1f}  {ratio:5.2f}x  "
               f"{same}/{len(r['_ids'])}")
+    if args.breakdown:
+        print_breakdown(rows)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         clean = [{k: v for k, v in r.items() if k != "_ids"} for r in rows]

@@ -93,3 +93,24 @@ def test_plugin_load_gives_the_worker_every_core_here():
     env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "1"
     got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert got.stdout.strip().splitlines()[-1] == "1"
+
+
+def test_step_timers_wrap_once_after_our_patches_and_split_a_step():
+    import step_timers
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    step_timers.install()
+    wrapped = Scheduler.schedule
+    step_timers.install()  # a second install must not time the timer
+    assert Scheduler.schedule is wrapped and wrapped.__step_timer__
+    # our AdaptiveKPatch is inside the timer and still marked, so the plugin does not re-wrap it
+    assert wrapped.__pard_patched__ and wrapped.__wrapped__.__pard_patched__
+    step_timers.reset()
+    step_timers.seconds.update(llm_step=1.0, engine_step=0.8, post_step=0.1,
+                               execute_model=0.6, target_forward=0.5)
+    step_timers.calls.update(engine_step=10)
+    ms = step_timers.per_step_ms()
+    assert ms["steps"] == 10 and ms["engine_step"] == pytest.approx(80.0)
+    assert ms["output_processing"] == pytest.approx(10.0)
+    assert ms["runner_outside_forward"] == pytest.approx(10.0)
+    step_timers.reset()

@@ -1,0 +1,78 @@
+"""Where an engine step's time goes: wall time per engine step, split by vLLM function.
+
+Used by ``k0_overhead.py --breakdown``. Wall-clock totals of two engines on this VM
+drift by 10-20% between passes, which hides a 3-5% difference; the split does not
+cancel the drift either, but it shows *which* part of a step differs (the target's
+forward is the same in both engines, so a difference there is drift, a difference
+in scheduling or sampling is a cost of the engine itself).
+
+The wrappers go on vLLM's classes after pard-vllm's patches, so a patched function
+is timed with its patch. The engine must run in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import defaultdict
+
+#: (label, module, class, method). Nested labels are parts of the one above them.
+TIMED = (
+    ("llm_step", "vllm.v1.engine.llm_engine", "LLMEngine", "step"),
+    ("engine_step", "vllm.v1.engine.core", "EngineCore", "step"),
+    ("schedule", "vllm.v1.core.sched.scheduler", "Scheduler", "schedule"),
+    ("execute_model", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "execute_model"),
+    ("target_forward", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_model_forward"),
+    ("sample_tokens", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "sample_tokens"),
+    ("propose_drafts", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "propose_draft_token_ids"),
+    ("update_from_output", "vllm.v1.core.sched.scheduler", "Scheduler", "update_from_output"),
+    ("post_step", "vllm.v1.engine.core", "EngineCore", "post_step"),
+)
+
+seconds: dict[str, float] = defaultdict(float)
+calls: dict[str, int] = defaultdict(int)
+
+
+def install() -> None:
+    """Wrap every function in TIMED once (after pard-vllm's patches are applied)."""
+    import importlib
+
+    from pard_vllm import patches
+
+    patches.apply()
+    for label, module, cls, name in TIMED:
+        owner = getattr(importlib.import_module(module), cls)
+        original = getattr(owner, name)
+        if getattr(original, "__step_timer__", False):
+            continue
+
+        def make(original, label=label):
+            @functools.wraps(original)  # keeps __pard_patched__, so the plugin does not wrap again
+            def timed(*args, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    seconds[label] += time.perf_counter() - t0
+                    calls[label] += 1
+            timed.__step_timer__ = True
+            return timed
+
+        setattr(owner, name, make(original))
+
+
+def reset() -> None:
+    seconds.clear()
+    calls.clear()
+
+
+def per_step_ms() -> dict[str, float]:
+    """Milliseconds per engine step for each label, plus ``output_processing``
+    (an LLMEngine step minus the engine core's step and post-step) and ``steps``."""
+    steps = max(calls.get("engine_step", 0), 1)
+    out = {label: 1000 * seconds.get(label, 0.0) / steps for label, *_ in TIMED}
+    out["output_processing"] = out["llm_step"] - out["engine_step"] - out["post_step"]
+    out["runner_outside_forward"] = out["execute_model"] - out["target_forward"]
+    out["steps"] = calls.get("engine_step", 0)
+    return out
