@@ -16,7 +16,7 @@ vLLM's CPU build always runs the worker in its own process):
 * the scheduler's ``GoodputController.cut_threshold`` sets, every step, the
   estimated acceptance a kept draft must reach (it must return more than its
   verification costs) and sends it to the worker on the scheduler output
-  (``patches.CutThresholdPatch``);
+  (``patches.DraftStepPatch``);
 * the drafter's ``ConfidenceCut`` turns confidences into calibrated prefix
   estimates, cuts each request there, and remembers what it sent; one step
   later vLLM hands the drafter each request's rejected count, which settles

@@ -335,7 +335,7 @@ class AdaptiveKPatch:
     rejection sampler's results) and the wall time between scheduling steps
     against the tokens scheduled (the real cost of a step on this hardware).
     Each scheduler output also carries the controller's cut threshold for the
-    drafter (``pard_vllm.confidence_cut``; read by ``CutThresholdPatch``).
+    drafter (``pard_vllm.confidence_cut``; read by ``DraftStepPatch``).
     """
 
     @staticmethod
@@ -418,26 +418,48 @@ class AdaptiveKPatch:
         _wrap_once(Scheduler, "make_spec_decoding_stats", make_stats)
 
 
-class CutThresholdPatch:
+class DraftStepPatch:
     """Wraps ``GPUModelRunner.propose_draft_token_ids`` (the CPU runner inherits it).
 
-    Why: with ``"confidence_threshold": "auto"`` the drafter cuts each
-    request's drafts at a threshold the scheduler's controller computes every
-    step, and the scheduler may be in another process (vLLM's CPU build always
-    runs the worker in its own). The scheduler output is what crosses over each
-    step, so the threshold rides on it and is handed to the drafter here.
+    Why, twice over:
+
+    * With ``"confidence_threshold": "auto"`` the drafter cuts each request's
+      drafts at a threshold the scheduler's controller computes every step, and
+      the scheduler may be in another process (vLLM's CPU build always runs the
+      worker in its own). The scheduler output is what crosses over each step,
+      so the threshold rides on it and is handed to the drafter here.
+    * A step the controller gave K = 0 (``"idle_draft": "skip"``, sync
+      scheduling) that verifies no drafts needs nothing from the draft but a
+      note of where each request's draft fell behind. vLLM would first build
+      the draft's inputs (next tokens per request, positions, metadata): about
+      1 ms per step at batch 16-64 on this CPU (``benchmarks/k0_overhead.py
+      --breakdown``), 1% of a plain step. Such steps go straight to
+      ``PardProposer.idle_step``.
     """
 
     @staticmethod
     def apply() -> None:
+        import inspect
+
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
         def make(original):
+            signature = inspect.signature(original)
+
             @functools.wraps(original)
             def propose_draft_token_ids(self, scheduler_output, *args, **kwargs):
                 drafter = getattr(self, "drafter", None)
                 if hasattr(drafter, "cut_threshold"):
                     drafter.cut_threshold = getattr(scheduler_output, THRESHOLD_ATTR, None)
+                if (getattr(drafter, "skip_idle_draft", False)
+                        and scheduler_output.num_spec_tokens_to_schedule == 0
+                        and getattr(self, "valid_sampled_token_count_event", None) is None):
+                    call = signature.bind(self, scheduler_output, *args, **kwargs).arguments
+                    verified = call["spec_decode_metadata"]  # vLLM's variable-K path sends zeros
+                    if verified is None or not any(verified.num_draft_tokens):
+                        self._draft_probs = self._draft_prob_req_ids = None
+                        positions = self._get_positions(scheduler_output.total_num_scheduled_tokens)
+                        return drafter.idle_step(positions, call["common_attn_metadata"])
                 return original(self, scheduler_output, *args, **kwargs)
 
             return propose_draft_token_ids
@@ -502,7 +524,7 @@ class DraftLengthMetricsPatch:
 
 ALL_PATCHES = (CpuReservedCoreDefault, SpeculativeConfigPatch, DrafterPatch, SpeculativeConfigArgPatch,
                CpuExpandBatchToTokensPatch, CpuSeededChunkedPrefillPatch, ZeroDraftSamplePatch,
-               AdaptiveKPatch, CutThresholdPatch, DraftLengthMetricsPatch)
+               AdaptiveKPatch, DraftStepPatch, DraftLengthMetricsPatch)
 
 
 def apply() -> None:

@@ -34,6 +34,9 @@ from pard_vllm.head_vocab import SubsetHead
 
 # Under the "vllm" logger so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
 logger = init_logger("vllm.pard_vllm." + __name__.rsplit(".", 1)[-1])
+#: vLLM calls propose() with keywords; binding them to names once per step
+#: costs microseconds, building the signature each time ~50 us.
+_PROPOSE_SIGNATURE = inspect.signature(DraftModelProposer.propose)
 
 
 class PardProposer(DraftModelProposer):
@@ -57,7 +60,7 @@ class PardProposer(DraftModelProposer):
             self.confidence_threshold = None
         self._confidence: torch.Tensor | None = None
         # "auto": the drafter's calibrated cut; the threshold arrives with each
-        # step's scheduler output (patches.CutThresholdPatch).
+        # step's scheduler output (patches.DraftStepPatch).
         self._cut = confidence_cut.ConfidenceCut() if self.confidence_threshold == "auto" else None
         self.cut_threshold: float | None = None
         self._warned_no_cut = False
@@ -188,16 +191,11 @@ class PardProposer(DraftModelProposer):
         ragged lists, which vLLM's sync scheduler accepts.
         A step with K = 0 runs no draft forward (``idle_draft: "skip"``)."""
         self._heap.step()
-        call = inspect.signature(DraftModelProposer.propose).bind(self, *args, **kwargs).arguments
+        call = _PROPOSE_SIGNATURE.bind(self, *args, **kwargs).arguments
         if self._cut is not None:
             self._settle_cut(call)
         if call["num_speculative_tokens"] == 0 and self.skip_idle_draft:
-            cad = call["common_attn_metadata"]
-            first = self._first_positions(call["target_positions"], cad)
-            self._lag.skipped(self.runner.input_batch.req_ids[:len(first)], first)
-            self._last_draft_probs = None
-            self._confidence = None
-            return torch.empty(cad.batch_size(), 0, dtype=torch.int64, device=self.device)
+            return self._skip(call["target_positions"], call["common_attn_metadata"])
         drafts = super().propose(*args, **kwargs)
         if self._confidence is None or drafts.shape[1] == 0:
             return drafts
@@ -215,6 +213,24 @@ class PardProposer(DraftModelProposer):
             lengths = lengths_from_confidence(confidence, self.confidence_threshold).tolist()
         rows = drafts.tolist()
         return [row[:n] for row, n in zip(rows, lengths)]
+
+    def idle_step(self, target_positions: torch.Tensor, cad) -> torch.Tensor:
+        """A K = 0 step that verified no drafts, entered from the runner before
+        vLLM builds the draft's inputs (``patches.DraftStepPatch``): the same
+        as ``propose`` would do for it, without the preparation."""
+        self._heap.step()
+        if self._cut is not None:
+            self._cut.begin_step((), None, None)
+        return self._skip(target_positions, cad)
+
+    def _skip(self, target_positions: torch.Tensor, cad) -> torch.Tensor:
+        """No draft forward this step; remember where each request's draft
+        stopped so the next drafting step can catch it up."""
+        first = self._first_positions(target_positions, cad)
+        self._lag.skipped(self.runner.input_batch.req_ids[:len(first)], first)
+        self._last_draft_probs = None
+        self._confidence = None
+        return torch.empty(cad.batch_size(), 0, dtype=torch.int64, device=self.device)
 
     def _req_ids(self, n: int) -> list[str]:
         return self.runner.input_batch.req_ids[:n]

@@ -314,18 +314,28 @@ def test_skipped_draft_steps_catch_up(embedded, monkeypatch):
 
     from prompts import TEST_PROMPTS
 
+    from pard_vllm.proposer import PardProposer
+
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # scheduler in this process
     prompts = TEST_PROMPTS[:8]
     plain, _ = _run(embedded["target"], None, prompts)
-    stats = {}
+    # K = 0 steps that verify nothing take the runner's shortcut (patches.DraftStepPatch)
+    shortcuts = []
+    idle_step = PardProposer.idle_step
+    monkeypatch.setattr(PardProposer, "idle_step", lambda self, *a: shortcuts.append(1) or idle_step(self, *a))
+    stats, taken = {}, {}
     for idle in ("forward", "skip"):
         pattern = itertools.cycle([0, 0, 0, 0, 8])
         monkeypatch.setattr(GoodputController, "choose", lambda self, b: next(pattern))
         monkeypatch.setattr(GoodputController, "__getitem__", lambda self, b: next(pattern))
         spec = {"method": "pard", "model": embedded["draft"], "num_speculative_tokens": 8,
                 "adaptive": "goodput", "idle_draft": idle}
+        shortcuts.clear()
         out, stats[idle] = _run(embedded["target"], spec, prompts)
+        taken[idle] = len(shortcuts)
         assert out == plain, idle
+    # of every five steps: one drafts, the next verifies with K = 0, three skip before any preparation
+    assert taken["forward"] == 0 and taken["skip"] >= 20, taken
     accepted = {k: v["vllm:spec_decode_num_accepted_tokens"] for k, v in stats.items()}
     drafted = {k: v["vllm:spec_decode_num_draft_tokens"] for k, v in stats.items()}
     assert drafted["skip"] > 0 and accepted["forward"] > 0
