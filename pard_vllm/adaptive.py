@@ -295,6 +295,11 @@ class GoodputController:
             before it; only the second one in a row is a plain step, so a
             probe measures the plain step itself instead of extrapolating it.
             3 steps in 48 cost about 1% of a 1.2x speculative gain.
+        floor_every_unmeasured: the same, while the guard (``measured``) has
+            too few plain steps at this batch size to judge. Why: at batch 16
+            the first floor probe came at step 48, and until then the model
+            drafted K = 1-3 where plain decoding was 1.2x faster; probes every
+            8 steps give the guard its plain steps by step ~35.
         margin: speculate only when the best K is predicted at least this much
             faster than not speculating. The linear cost model misses costs
             of the speculative path (catch-up after skipped steps, bookkeeping)
@@ -309,13 +314,14 @@ class GoodputController:
 
     def __init__(self, max_k: int, min_k: int = 0, explore: float = 0.02, seed: int = 0,
                  acceptance: AcceptanceTracker | None = None, cost: StepCostModel | None = None,
-                 calibrate: int | None = None, floor_every: int = 48, margin: float = 0.05,
+                 calibrate: int | None = None, floor_every: int = 48, floor_every_unmeasured: int = 8,
+                 margin: float = 0.05,
                  residual: CostResidual | None = None, probe_steps: int = 3,
                  probe_band: float = 0.25, measured: MeasuredGoodput | None = None, guard: bool = True):
         if not 0 <= min_k <= max_k:
             raise ValueError(f"need 0 <= min_k <= max_k, got {min_k}, {max_k}")
         self.max_k, self.min_k, self.explore, self.floor_every = max_k, min_k, explore, floor_every
-        self.margin = margin
+        self.margin, self.floor_every_unmeasured = margin, floor_every_unmeasured
         self._calibration = sorted({min_k, min(min_k + 1, max_k), (min_k + max_k) // 2, max_k},
                                    reverse=True)
         self.calibrate = 2 * len(self._calibration) if calibrate is None else calibrate
@@ -328,6 +334,7 @@ class GoodputController:
         self._accepted = 0.0  # drafts accepted in the step being measured (observe_request)
         self.probe_steps, self._probe, self.probe_band = max(1, probe_steps), [], probe_band
         self._last_k: int | None = None
+        self._overruled = 0  # the model's K when the guard last held K at 0, else 0
         self.rng = random.Random(seed)
         self.history: dict[int, int] = {}  # K -> steps it was chosen
 
@@ -347,9 +354,10 @@ class GoodputController:
         best = max(range(self.min_k, self.max_k + 1), key=lambda k: self.goodput(batch_size, k))
         if self.min_k == 0 and best > 0 and self.goodput(batch_size, best) < (1 + self.margin) * self.goodput(batch_size, 0):
             return 0  # a predicted gain inside the model's error is not worth the risk
-        ratio = self.measured.speculation_ratio(batch_size) if self.guard and self.min_k == 0 and best > 0 else None
-        if ratio is not None and ratio < 1.0:
-            return 0  # measured slower than plain decoding here: the model is wrong
+        self._overruled = 0
+        if self.guard and self.min_k == 0 and best > 0 and self.measured.speculation_slower(batch_size):
+            self._overruled = best
+            return 0  # measured slower than plain decoding here, beyond noise: the model is wrong
         return best
 
     def choose(self, batch_size: int) -> int:
@@ -360,8 +368,16 @@ class GoodputController:
             k, self._probe = self._probe[0], self._probe[1:]
         else:
             k = self.best_k(max(batch_size, 1))
-            if self.floor_every and self.steps % self.floor_every == 0 and k != self.min_k:
+            every = self._floor_every(max(batch_size, 1))
+            if every and self.steps % every == 0 and k != self.min_k:
                 k = self.min_k  # keeps the floor's cost measured (see floor_every)
+                self._probe = [k] * (self.probe_steps - 1)
+            elif self._overruled and self.floor_every and self.steps % self.floor_every == 0:
+                # The mirror image while the guard holds K at 0 against the model:
+                # keep the speculating side measured too, so a verdict reached on
+                # an unlucky stretch (or before the VM slowed the plain steps) can
+                # be revised, not frozen until exploration happens by.
+                k = self._overruled
                 self._probe = [k] * (self.probe_steps - 1)
             elif self.max_k > self.min_k and self.rng.random() < self.explore / self.probe_steps:
                 # Explore next to the best K (it measures the slope that matters and
@@ -382,6 +398,12 @@ class GoodputController:
         return k
 
     __getitem__ = choose
+
+    def _floor_every(self, batch_size: int) -> int:
+        unjudged = self.guard and self.min_k == 0 and self.measured.rate(batch_size, False) is None
+        if unjudged and self.floor_every and self.floor_every_unmeasured:
+            return min(self.floor_every, self.floor_every_unmeasured)
+        return self.floor_every
 
     def summary(self) -> str:
         """One log line: what was chosen and why."""

@@ -10,14 +10,17 @@ neither did), the tokens they produced and the seconds they took, per batch
 size (each size below 16, then powers of two: 16-31, 32-63, ...; throughput
 grows with the batch, so a wide bucket would compare a regime seen at 7
 requests with one seen at 4). When speculating has measured
-slower than not speculating at a bucket, the controller does not speculate
-there, whatever the model predicts; probes keep both sides measured.
+slower than not speculating at a bucket, beyond the noise of both
+measurements, the controller does not speculate there, whatever the model
+predicts; probes keep both sides measured.
 
 Worked example (batch 4): the controller drafts K = 1 and its steady steps
 produce 4 + 1.6 accepted = 5.6 tokens in 100 ms (56 tok/s); the floor probes'
-plain steps produce 4 tokens in 66 ms (61 tok/s). 56 / 61 = 0.92 < 1, so the
+plain steps produce 4 tokens in 66 ms (61 tok/s). 56 / 61 = 0.92, and the steps' spread
+puts the ratio's standard error at 3%: 0.92 * (1 + 2 * 0.03) = 0.97 < 1, so the
 next steps at batch 4 draft nothing, although the model predicted K = 1 15%
-faster. At batch 1 the same engine may measure 1.3 / 45 ms against 1 / 40 ms
+faster. Had the error been 5% (fewer or noisier steps), 0.92 * 1.10 > 1: the
+verdict waits for more steps and the model's choice stands meanwhile. At batch 1 the same engine may measure 1.3 / 45 ms against 1 / 40 ms
 (1.16): speculation stays on there.
 
 Why steady steps only: a step that resumes drafting carries the draft's
@@ -42,15 +45,26 @@ class MeasuredGoodput:
     decay: float = 0.97
     #: Steps each side needs before its measurement may overrule the model.
     min_steps: float = 4.0
-    cells: dict[tuple[bool, int], list[float]] = field(default_factory=dict)  # -> [steps, tokens, seconds]
+    #: One-sided standard errors the measured ratio must sit below 1 before it
+    #: overrules the model. Why: at batch 1 a speculating step yields 1 to K + 1
+    #: tokens and the plain side is a handful of probe steps on a VM whose step
+    #: time wanders by 10%; a bare ``ratio < 1`` turned drafting off after ~40
+    #: steps where drafting paid. 2 errors is a ~2% false alarm per verdict.
+    z: float = 2.0
+    #: (speculating, bucket) -> [steps, tokens, seconds] decayed by ``decay``,
+    #: then [steps, tokens^2, tokens*seconds, seconds^2] decayed by ``decay``^2
+    #: (the squared weights a weighted ratio's variance needs).
+    cells: dict[tuple[bool, int], list[float]] = field(default_factory=dict)
 
     def observe(self, batch_size: int, speculating: bool, tokens: float, seconds: float) -> None:
         """One steady step: ``tokens`` produced (one per request plus the drafts accepted)."""
         if seconds <= 0 or tokens <= 0:
             return
-        cell = self.cells.setdefault((speculating, _bucket(batch_size)), [0.0, 0.0, 0.0])
-        for i, x in enumerate((1.0, tokens, seconds)):
-            cell[i] = cell[i] * self.decay + x
+        cell = self.cells.setdefault((speculating, _bucket(batch_size)), [0.0] * 7)
+        d2 = self.decay * self.decay
+        for i, (x, d) in enumerate(((1.0, self.decay), (tokens, self.decay), (seconds, self.decay), (1.0, d2),
+                                    (tokens * tokens, d2), (tokens * seconds, d2), (seconds * seconds, d2))):
+            cell[i] = cell[i] * d + x
 
     def rate(self, batch_size: int, speculating: bool) -> float | None:
         """Measured tokens per second of that regime at this batch size; None while thin."""
@@ -59,7 +73,32 @@ class MeasuredGoodput:
             return None
         return cell[1] / cell[2]
 
+    def relative_error(self, batch_size: int, speculating: bool) -> float | None:
+        """Standard error of ``rate`` over ``rate`` (None while thin).
+
+        The rate is a weighted ratio R = sum(w t) / sum(w s); to first order
+        its variance is sum(w^2 (t - R s)^2) / sum(w s)^2, scaled by
+        n / (n - 1) for the effective number of steps n = sum(w)^2 / sum(w^2)
+        (with 4 steps the plain estimate would otherwise look 15% surer than it is).
+        """
+        r = self.rate(batch_size, speculating)
+        if r is None:
+            return None
+        steps, _, seconds, steps2, tt, ts, ss = self.cells[(speculating, _bucket(batch_size))]
+        n_eff = steps * steps / steps2
+        spread = max(tt - 2 * r * ts + r * r * ss, 0.0) / (seconds * seconds)
+        return (spread * n_eff / max(n_eff - 1, 1e-9)) ** 0.5 / r
+
     def speculation_ratio(self, batch_size: int) -> float | None:
         """Speculating over plain tokens per second at this batch size (None: not both measured)."""
         spec, plain = self.rate(batch_size, True), self.rate(batch_size, False)
         return None if spec is None or plain is None else spec / plain
+
+    def speculation_slower(self, batch_size: int) -> bool:
+        """Has speculating measured slower than plain decoding here, beyond noise?
+        The ratio plus ``z`` of its standard errors must stay below 1."""
+        ratio = self.speculation_ratio(batch_size)
+        if ratio is None:
+            return False
+        error = (self.relative_error(batch_size, True) ** 2 + self.relative_error(batch_size, False) ** 2) ** 0.5
+        return ratio * (1 + self.z * error) < 1.0

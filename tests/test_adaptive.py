@@ -380,3 +380,92 @@ def test_measured_slower_speculation_overrules_the_model():
         ratio4, ratio1 = ctl.measured.speculation_ratio(4), ctl.measured.speculation_ratio(1)
         assert ratio4 == pytest.approx(75 / 95.2, rel=0.01) and ratio1 > 1.5, (ratio4, ratio1)
         assert ctl.best_k(4) == expected and ctl.best_k(1) == 1
+
+
+def _noisy_cell_trial(rng, true_ratio: float, spec_steps: int) -> tuple[bool, bool]:
+    """Batch 1 on a noisy VM: 5 plain probe steps of 40 ms and ``spec_steps``
+    speculating steps of 1 + Binomial(3, 0.2) tokens (1.6 on average), both
+    with 10% log-normal time noise, priced so that speculating makes
+    ``true_ratio`` times plain decoding's tokens per second. Returns (the
+    noise-aware verdict, the bare ``ratio < 1`` verdict)."""
+    m = MeasuredGoodput()
+    for _ in range(5):
+        m.observe(1, False, 1, 0.040 * rng.lognormal(0, 0.10))
+    for _ in range(spec_steps):
+        m.observe(1, True, 1 + rng.binomial(3, 0.2), 0.064 / true_ratio * rng.lognormal(0, 0.10))
+    return m.speculation_slower(1), m.speculation_ratio(1) < 1
+
+
+def test_guard_waits_out_noise_but_catches_a_real_loss():
+    """At break-even a bare ``ratio < 1`` says "slower" half the time; the
+    noise-aware verdict rarely does (one-sided 2 standard errors, a little
+    above the nominal 2% with only 5 plain steps). A real 30% loss is caught
+    after 20 speculating steps nearly always."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    even = np.array([_noisy_cell_trial(rng, 1.0, 100) for _ in range(400)]).mean(0)
+    loss = np.array([_noisy_cell_trial(rng, 0.7, 20) for _ in range(400)]).mean(0)
+    assert even[1] > 0.35 and even[0] < 0.09, even
+    assert loss[0] > 0.85, loss
+
+
+def test_relative_error_is_the_ratio_estimators_standard_error():
+    """Without decay the cell's error equals the textbook one for a ratio of
+    means: sd(t - R s) / sqrt(n) / mean(s) / R, with the n - 1 sample variance."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    tokens, seconds = rng.integers(1, 4, 30).astype(float), 0.05 * rng.lognormal(0, 0.1, 30)
+    m = MeasuredGoodput(decay=1.0)
+    for t, s in zip(tokens, seconds):
+        m.observe(1, True, t, s)
+    r = tokens.sum() / seconds.sum()
+    expected = np.sqrt((tokens - r * seconds).var(ddof=1) / 30) / seconds.mean() / r
+    assert m.rate(1, True) == pytest.approx(r) and m.relative_error(1, True) == pytest.approx(expected)
+    assert MeasuredGoodput().relative_error(1, True) is None
+
+
+def _drive(ctl: GoodputController, batch: int, steps: int, spec_seconds: float, plain_seconds: float,
+           accepted: int = 1) -> list[int]:
+    """Choose and observe ``steps`` steps at a fixed batch: a speculating step
+    takes ``spec_seconds`` and gains ``accepted`` drafts per request when the
+    step before drafted; a plain one takes ``plain_seconds``."""
+    ks, ctl._accepted = [], 0.0  # (the helper's requests were not a step's)
+    for _ in range(steps):
+        k = ctl.choose(batch)
+        if k and ctl._last_k:
+            for _ in range(batch):
+                ctl.observe_request(k, accepted)
+        ctl.observe_step(batch, batch * (1 + k), k, spec_seconds if k else plain_seconds)
+        ks.append(k)
+    return ks
+
+
+def test_floor_probes_come_sooner_until_the_plain_side_is_measured():
+    """Until the guard has plain steps at this batch size (5 steady ones: two
+    per 3-step probe, the first verifies the drafts before it), floor probes
+    start every 8 steps; afterwards every 48."""
+    ctl = _controller(0.040, 0.0005, [0.8] * 8)
+    ctl.measured, ctl.steps = MeasuredGoodput(), ctl.calibrate  # past start-up, nothing measured
+    ks = _drive(ctl, 16, 200, spec_seconds=0.060, plain_seconds=0.050, accepted=4)
+    starts = [ctl.calibrate + i + 1 for i, k in enumerate(ks) if k == 0 and (i == 0 or ks[i - 1] != 0)]
+    assert starts == [16, 24, 32, 48, 96, 144, 192], starts
+    assert ctl.measured.rate(16, False) is not None
+
+
+def test_guard_verdict_is_revised_when_speculation_gets_faster():
+    """The guard holds K at 0 against the model (which predicts K = 1) after
+    12 speculating steps measured 1.6x slower than plain ones; then
+    speculating gets cheap (2 tokens in 46 ms against 1 in 40.5 ms). The
+    speculating probes it starts every 48 steps while it holds measure the
+    change, and K = 1 returns."""
+    ctl = _controller(0.040, 0.0005, [0.5], max_k=1)
+    ctl.measured, ctl.steps = MeasuredGoodput(), ctl.calibrate
+    for i in range(12):
+        ctl.measured.observe(1, True, 1 + i % 2, 0.100)
+        ctl.measured.observe(1, False, 1, 0.0405)
+    assert ctl.measured.speculation_slower(1) and ctl.best_k(1) == 0
+    fast = _drive(ctl, 1, 600, spec_seconds=0.046, plain_seconds=0.0405)
+    assert 0 in fast[:48], fast
+    assert fast[-100:].count(1) >= 90, fast
