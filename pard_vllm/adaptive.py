@@ -285,6 +285,12 @@ class GoodputController:
             drafting at all, and the fixed part and that one cannot be told
             apart from steps that all draft (or all do not); without a few
             steps of each, the fit can be wrong about K = 0 for a long time.
+            The top is capped so that a calibration step verifies no more
+            tokens than batch 4 at the full K (but at least floor + 2, so the
+            slope in K is seen at two points): at batch 16 here two K = 8 and
+            two K = 4 steps cost about 2 s, 5% of the first 64 requests, and
+            K = 0-2 tell the fit the same; longer drafts keep their optimistic
+            acceptance prior and are still tried where they are cheap.
         floor_every: afterwards, every this-many-th step starts a probe of
             the floor K (``probe_steps`` long; when the best K is above it),
             for the same reason: with only exploration's occasional floor
@@ -322,9 +328,7 @@ class GoodputController:
             raise ValueError(f"need 0 <= min_k <= max_k, got {min_k}, {max_k}")
         self.max_k, self.min_k, self.explore, self.floor_every = max_k, min_k, explore, floor_every
         self.margin, self.floor_every_unmeasured = margin, floor_every_unmeasured
-        self._calibration = sorted({min_k, min(min_k + 1, max_k), (min_k + max_k) // 2, max_k},
-                                   reverse=True)
-        self.calibrate = 2 * len(self._calibration) if calibrate is None else calibrate
+        self.calibrate = 2 * len(self.calibration_ks(1)) if calibrate is None else calibrate
         self.steps = 0
         self.acceptance = acceptance or AcceptanceTracker(max_k)
         self.cost = cost or StepCostModel()
@@ -348,6 +352,12 @@ class GoodputController:
         seconds = self.cost.predict(step_features(batch_size, verified, k, verifying=k > 0))
         return gain / (seconds * self.residual.ratio(batch_size, k, self.cost.coefficients()))
 
+    def calibration_ks(self, batch_size: int) -> list[int]:
+        """The K the start-up cycles through at this batch size, largest first (see ``calibrate``)."""
+        cap = 4 * (self.max_k + 1) // batch_size - 1  # verify at most what batch 4 does at full K
+        top = min(self.max_k, max(self.min_k + 2, cap))
+        return sorted({self.min_k, min(self.min_k + 1, top), (self.min_k + top) // 2, top}, reverse=True)
+
     def best_k(self, batch_size: int) -> int:
         if self.cost.samples == 0:
             return self.max_k  # nothing measured yet: draft fully and learn
@@ -363,7 +373,8 @@ class GoodputController:
     def choose(self, batch_size: int) -> int:
         self.steps += 1
         if self.steps <= self.calibrate:
-            k = self._calibration[(self.steps - 1) % len(self._calibration)]
+            ks = self.calibration_ks(max(batch_size, 1))
+            k = ks[(self.steps - 1) % len(ks)]
         elif self._probe:
             k, self._probe = self._probe[0], self._probe[1:]
         else:

@@ -183,6 +183,9 @@ def test_min_k_is_respected_and_exploration_samples_other_k():
         ctl.observe_request(8, 0)
     calibration = [ctl.choose(4) for _ in range(ctl.calibrate)]
     assert calibration == [8, 5, 3, 2] * 2  # top, middle, floor + 1, floor
+    # At batch 16 a K = 8 step verifies 144 tokens: the start-up stops at floor + 2.
+    assert ctl.calibration_ks(16) == [4, 3, 2] and GoodputController(8).calibration_ks(64) == [2, 1, 0]
+    assert GoodputController(8).calibration_ks(1) == [8, 4, 1, 0] and GoodputController(1).calibration_ks(16) == [1, 0]
     picks = [ctl.choose(4) for _ in range(300)]
     # Best is the floor (2); exploration probes one or two above it, for
     # ``probe_steps`` steps in a row (so the probed K is seen in steady state).
