@@ -12,7 +12,9 @@ a constant in this process) and runs, on the same prompts and batches:
 * ``k0_forward``: PARD with K = 0 and ``"idle_draft": "forward"`` (the draft still
   runs over each step's new tokens, as vLLM's own dynamic speculation does);
 * ``k0_skip``: PARD with K = 0 and ``"idle_draft": "skip"`` (the default: no draft
-  forward; the draft catches up when drafting resumes).
+  forward; the draft catches up when drafting resumes);
+* ``adaptive``: PARD with the controller left choosing K (not pinned), to see
+  what its drafting steps and probes add to a cell where it ends up not drafting.
 
 It prints tokens/s and the ratio to ``ar`` per batch size, measured in one run.
 This VM's speed drifts by 10-20% over minutes, so the methods run in turn
@@ -46,11 +48,14 @@ class _NoBar:
     def update(self, n): pass
 
 
-def pin_k_to_zero() -> None:
+def pin_k_to_zero(pinned: bool) -> None:
+    """K = 0 every step (``pinned``), or the controller's own choice."""
     from pard_vllm.adaptive import GoodputController
 
-    GoodputController.choose = lambda self, batch_size: 0
-    GoodputController.__getitem__ = GoodputController.choose
+    if not hasattr(GoodputController, "_unpinned_choose"):
+        GoodputController._unpinned_choose = GoodputController.choose
+    choose = (lambda self, batch_size: 0) if pinned else GoodputController._unpinned_choose
+    GoodputController.choose = GoodputController.__getitem__ = choose
 
 
 def print_breakdown(rows: list[dict]) -> None:
@@ -90,15 +95,15 @@ def main() -> None:
     engine_args = SimpleNamespace(target=paths["target"], dtype="float32", compile=False,
                                   max_model_len=1024, batch_sizes=batch_sizes)
     prompts = specbench_data.load(["humaneval"], args.num_prompts)["humaneval"]
-    pin_k_to_zero()
     if args.breakdown:
         step_timers.install()
     rows = []
     for method in [m for _ in range(args.passes) for m in args.methods.split(",")]:
         spec = None
+        pin_k_to_zero(method != "adaptive")
         if method != "ar":
             spec = {"method": "pard", "model": paths["draft"], "num_speculative_tokens": args.k,
-                    "adaptive": "goodput", "idle_draft": method.removeprefix("k0_")}
+                    "adaptive": "goodput", "idle_draft": method.removeprefix("k0_").replace("adaptive", "skip")}
         llm = make_engine(paths["target"], spec, engine_args)
         try:
             run_cell(llm, prompts[:max(batch_sizes)], max(batch_sizes), 0, 16, _NoBar())  # warm-up

@@ -339,6 +339,7 @@ class GoodputController:
         self.probe_steps, self._probe, self.probe_band = max(1, probe_steps), [], probe_band
         self._last_k: int | None = None
         self._overruled = 0  # the model's K when the guard last held K at 0, else 0
+        self._mirror_every, self._next_mirror = floor_every, None  # speculating probes while it holds
         self.rng = random.Random(seed)
         self.history: dict[int, int] = {}  # K -> steps it was chosen
 
@@ -379,17 +380,26 @@ class GoodputController:
             k, self._probe = self._probe[0], self._probe[1:]
         else:
             k = self.best_k(max(batch_size, 1))
+            if not self._overruled:
+                self._mirror_every, self._next_mirror = self.floor_every, None
+            elif self._next_mirror is None:
+                self._next_mirror = self.steps + self._mirror_every
             every = self._floor_every(max(batch_size, 1))
             if every and self.steps % every == 0 and k != self.min_k:
                 k = self.min_k  # keeps the floor's cost measured (see floor_every)
                 self._probe = [k] * (self.probe_steps - 1)
-            elif self._overruled and self.floor_every and self.steps % self.floor_every == 0:
+            elif self._overruled and self.floor_every and self.steps >= self._next_mirror:
                 # The mirror image while the guard holds K at 0 against the model:
                 # keep the speculating side measured too, so a verdict reached on
                 # an unlucky stretch (or before the VM slowed the plain steps) can
-                # be revised, not frozen until exploration happens by.
+                # be revised, not frozen until exploration happens by. Each probe
+                # that leaves the verdict standing doubles the wait (48 steps up
+                # to 768): at batch 16 here a drafting step costs ~1.5 plain ones,
+                # and a probe every 48 steps cost about 3% of the cell.
                 k = self._overruled
                 self._probe = [k] * (self.probe_steps - 1)
+                self._mirror_every = min(2 * self._mirror_every, 16 * self.floor_every)
+                self._next_mirror = self.steps + self._mirror_every
             elif self.max_k > self.min_k and self.rng.random() < self.explore / self.probe_steps:
                 # Explore next to the best K (it measures the slope that matters and
                 # costs at most one token per request) or at the floor, which keeps

@@ -461,8 +461,9 @@ def test_guard_verdict_is_revised_when_speculation_gets_faster():
     """The guard holds K at 0 against the model (which predicts K = 1) after
     12 speculating steps measured 1.6x slower than plain ones; then
     speculating gets cheap (2 tokens in 46 ms against 1 in 40.5 ms). The
-    speculating probes it starts every 48 steps while it holds measure the
-    change, and K = 1 returns."""
+    speculating probes it starts while it holds (after 48 steps, then 96, ...)
+    measure the change, and K = 1 returns. While speculating stays slow the
+    probes thin out: 48, 96, 192, ... steps apart."""
     ctl = _controller(0.040, 0.0005, [0.5], max_k=1)
     ctl.measured, ctl.steps = MeasuredGoodput(), ctl.calibrate
     for i in range(12):
@@ -472,3 +473,13 @@ def test_guard_verdict_is_revised_when_speculation_gets_faster():
     fast = _drive(ctl, 1, 600, spec_seconds=0.046, plain_seconds=0.0405)
     assert 0 in fast[:48], fast
     assert fast[-100:].count(1) >= 90, fast
+
+    ctl = _controller(0.040, 0.0005, [0.5], max_k=1)
+    ctl.measured, ctl.steps = MeasuredGoodput(), ctl.calibrate
+    for i in range(12):
+        ctl.measured.observe(1, True, 1 + i % 2, 0.100)
+        ctl.measured.observe(1, False, 1, 0.0405)
+    ctl.cost.observe = ctl.residual.observe = lambda *args: None  # a model that stays wrong
+    slow = _drive(ctl, 1, 1000, spec_seconds=0.100, plain_seconds=0.0405, accepted=0)
+    starts = [i for i, k in enumerate(slow) if k and (i == 0 or not slow[i - 1])]
+    assert [b - a for a, b in zip(starts, starts[1:])] == [96, 192, 384], starts
