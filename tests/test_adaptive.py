@@ -288,7 +288,8 @@ def test_adaptive_is_lossless_and_turns_off_for_a_useless_draft(embedded, tmp_pa
     assert sum(cut.calibration.reached) > 0.8 * (1 - decay ** drafts) / (1 - decay) > 10
     controller = made[GoodputController][-1]
     tracker = controller.acceptance
-    assert sum(tracker.offered) > 50 and sum(tracker.kept) < 0.9 * sum(tracker.offered)
+    # (12 requests at once: the start-up cycles K = 2, 1, 0, so positions 1-2 carry it.)
+    assert sum(tracker.offered) > 20 and sum(tracker.kept) < 0.9 * sum(tracker.offered), tracker
     # The scheduler told prompt tokens from decode tokens: prefills got their own
     # slope, and the per-K residual only saw decode steps.
     assert controller.cost.coefficients()[5] > 0 and controller.residual.cells
