@@ -360,12 +360,12 @@ class GoodputController:
         return sorted({self.min_k, min(self.min_k + 1, top), (self.min_k + top) // 2, top}, reverse=True)
 
     def best_k(self, batch_size: int) -> int:
+        self._overruled = 0
         if self.cost.samples == 0:
             return self.max_k  # nothing measured yet: draft fully and learn
         best = max(range(self.min_k, self.max_k + 1), key=lambda k: self.goodput(batch_size, k))
         if self.min_k == 0 and best > 0 and self.goodput(batch_size, best) < (1 + self.margin) * self.goodput(batch_size, 0):
             return 0  # a predicted gain inside the model's error is not worth the risk
-        self._overruled = 0
         if self.guard and self.min_k == 0 and best > 0 and self.measured.speculation_slower(batch_size):
             self._overruled = best
             return 0  # measured slower than plain decoding here, beyond noise: the model is wrong
@@ -395,7 +395,7 @@ class GoodputController:
                 # be revised, not frozen until exploration happens by. Each probe
                 # that leaves the verdict standing doubles the wait (48 steps up
                 # to 768): at batch 16 here a drafting step costs ~1.5 plain ones,
-                # and a probe every 48 steps cost about 3% of the cell.
+                # so 3 in every 48 for good would cost ~3%.
                 k = self._overruled
                 self._probe = [k] * (self.probe_steps - 1)
                 self._mirror_every = min(2 * self._mirror_every, 16 * self.floor_every)
