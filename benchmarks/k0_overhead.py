@@ -48,14 +48,12 @@ class _NoBar:
     def update(self, n): pass
 
 
-def pin_k_to_zero(pinned: bool) -> None:
+def pin_k_to_zero(pinned: bool, _original: dict = {}) -> None:
     """K = 0 every step (``pinned``), or the controller's own choice."""
     from pard_vllm.adaptive import GoodputController
 
-    if not hasattr(GoodputController, "_unpinned_choose"):
-        GoodputController._unpinned_choose = GoodputController.choose
-    choose = (lambda self, batch_size: 0) if pinned else GoodputController._unpinned_choose
-    GoodputController.choose = GoodputController.__getitem__ = choose
+    choose = _original.setdefault("choose", GoodputController.choose)
+    GoodputController.choose = GoodputController.__getitem__ = (lambda self, b: 0) if pinned else choose
 
 
 def print_breakdown(rows: list[dict]) -> None:
@@ -103,7 +101,7 @@ def main() -> None:
         pin_k_to_zero(method != "adaptive")
         if method != "ar":
             spec = {"method": "pard", "model": paths["draft"], "num_speculative_tokens": args.k,
-                    "adaptive": "goodput", "idle_draft": method.removeprefix("k0_").replace("adaptive", "skip")}
+                    "adaptive": "goodput", "idle_draft": "skip" if method == "adaptive" else method.removeprefix("k0_")}
         llm = make_engine(paths["target"], spec, engine_args)
         try:
             run_cell(llm, prompts[:max(batch_sizes)], max(batch_sizes), 0, 16, _NoBar())  # warm-up

@@ -20,8 +20,9 @@ plain steps produce 4 tokens in 66 ms (61 tok/s). 56 / 61 = 0.92, and the steps'
 puts the ratio's standard error at 3%: 0.92 * (1 + 2 * 0.03) = 0.97 < 1, so the
 next steps at batch 4 draft nothing, although the model predicted K = 1 15%
 faster. Had the error been 5% (fewer or noisier steps), 0.92 * 1.10 > 1: the
-verdict waits for more steps and the model's choice stands meanwhile. At batch 1 the same engine may measure 1.3 / 45 ms against 1 / 40 ms
-(1.16): speculation stays on there.
+verdict waits for more steps and the model's choice stands meanwhile. At
+batch 1 the same engine may measure 1.3 / 45 ms against 1 / 40 ms (1.16):
+speculation stays on there.
 
 Why steady steps only: a step that resumes drafting carries the draft's
 catch-up and verifies nothing; the first plain step after drafting still
@@ -49,7 +50,8 @@ class MeasuredGoodput:
     #: overrules the model. Why: at batch 1 a speculating step yields 1 to K + 1
     #: tokens and the plain side is a handful of probe steps on a VM whose step
     #: time wanders by 10%; a bare ``ratio < 1`` turned drafting off after ~40
-    #: steps where drafting paid. 2 errors is a ~2% false alarm per verdict.
+    #: steps where drafting paid. 2 errors: a 2% false alarm per verdict in
+    #: theory, 5% with only 5 plain steps (tests/test_adaptive.py's simulation).
     z: float = 2.0
     #: (speculating, bucket) -> [steps, tokens, seconds] decayed by ``decay``,
     #: then [steps, tokens^2, tokens*seconds, seconds^2] decayed by ``decay``^2
