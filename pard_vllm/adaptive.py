@@ -288,7 +288,8 @@ class GoodputController:
             The top is capped so that a calibration step verifies no more
             tokens than batch 4 at the full K (but at least floor + 2, so the
             slope in K is seen at two points): at batch 16 here two K = 8 and
-            two K = 4 steps cost about 2 s, 5% of the first 64 requests, and
+            two K = 4 steps cost an estimated 2 s (40 ms + ~6 ms per verified
+            token), 5% of the first 64 requests, and
             K = 0-2 tell the fit the same; longer drafts keep their optimistic
             acceptance prior and are still tried where they are cheap.
         floor_every: afterwards, every this-many-th step starts a probe of
