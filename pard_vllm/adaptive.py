@@ -13,7 +13,7 @@ the engine measures, online, what decides whether drafting pays:
   none takes the plain path), fitted by decayed least
   squares on the engine's own step times, so it is the real hardware, not a
   guess (on a CPU the draft's output layer makes c large; on a GPU at small
-  batch b and c are near zero and speculation is almost free);
+  batch b and c are near zero and speculation is almost free; ``pard_vllm.step_cost``);
 * how far that linear fit is off at each K and batch size (``CostResidual``):
   real steps are not linear, and the measured ratio at a K overrules the fit;
 * whether speculating has in fact produced more tokens per second than not
@@ -49,10 +49,13 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from pard_vllm.measured_goodput import MeasuredGoodput
+from pard_vllm.step_cost import CostResidual, StepCostModel, step_features
+
+__all__ = ["AcceptanceTracker", "CostResidual", "GoodputController", "StepCostModel", "expected_accepted",
+           "length_from_confidence", "lengths_from_confidence", "step_features"]
 
 
 def expected_accepted(prefix_accept: Sequence[float], k: int) -> float:
@@ -122,145 +125,6 @@ class AcceptanceTracker:
         if "kept" not in self._cache:
             self._cache["kept"] = self._smoothed(self.kept, 1.0)
         return self._cache["kept"]
-
-
-def step_features(batch_size: int, tokens: float, k: int, verifying: bool | None = None,
-                  prefill: float = 0.0) -> list[float]:
-    """What a step's time depends on: a fixed part, the tokens the target
-    verifies, the draft positions whose logits are computed (the draft's
-    output layer is a large share of its cost), whether drafting ran,
-    whether the step verified any drafts (the rejection sampler and vLLM's
-    speculative bookkeeping; a step with none takes the plain path), and the
-    prompt tokens it prefilled. ``verifying`` defaults to "more tokens than
-    requests".
-
-    Why prefill apart: a prompt token costs far less than a decode token (one
-    big matmul against many small ones), and a few 600-token prefills among
-    decode steps of 4-16 tokens dominate a least-squares fit; folded into one
-    slope they made the fit over-state what verifying costs per token less
-    than prefill's and under-state a decode step, so the controller drafted
-    at batch 4 where plain decoding was faster."""
-    if verifying is None:
-        verifying = tokens > batch_size
-    return [1.0, float(tokens), float(batch_size * k), 1.0 if k > 0 else 0.0, 1.0 if verifying else 0.0,
-            float(prefill)]
-
-
-@dataclass
-class StepCostModel:
-    """seconds(step) = w . step_features(...), by exponentially weighted ridge
-    least squares on the engine's own steps.
-
-    The first step seen seeds the ridge target: that step's time as the fixed
-    part, plus as much again per ``prior_tokens`` tokens. The ridge decays like
-    the data, so measured steps of different sizes take over within a few
-    dozen steps. Coefficients are clamped at 0 (cost never falls with work).
-    """
-
-    decay: float = 0.995
-    prior_tokens: float = 64.0
-    prior_weight: float = 0.1
-    samples: int = 0
-    # numpy, not torch: a few 6x6 operations per step, where torch's per-call
-    # overhead (and its thread pool, busy with the model) cost ~10x more.
-    _xtx: np.ndarray = field(default_factory=lambda: np.zeros((6, 6)))
-    _xty: np.ndarray = field(default_factory=lambda: np.zeros(6))
-    _w: list[float] | None = None
-
-    def observe(self, features: Sequence[float], seconds: float) -> None:
-        if seconds <= 0:
-            return
-        x = np.asarray(features, dtype=np.float64)
-        if self.samples == 0:
-            scale = np.array([1.0, self.prior_tokens, self.prior_tokens, 1.0, 1.0, self.prior_tokens])
-            ridge = np.diag(self.prior_weight * scale ** 2)
-            prior = np.array([seconds, seconds / self.prior_tokens, 0.0, 0.0, 0.0, seconds / self.prior_tokens])
-            self._xtx, self._xty = ridge, ridge @ prior
-        self._xtx = self._xtx * self.decay + np.outer(x, x)
-        self._xty = self._xty * self.decay + x * seconds
-        self._w = None
-        self.samples += 1
-
-    def coefficients(self) -> list[float]:
-        """[fixed s, s per verified token, s per drafted position, s when drafting,
-        s when verifying drafts, s per prefilled token]."""
-        if self.samples == 0:
-            return [0.0] * 6
-        if self._w is None:
-            self._w = self._solve_nonnegative().tolist()
-        return self._w
-
-    def _solve_nonnegative(self) -> np.ndarray:
-        """Least squares with every coefficient >= 0 (cost never falls with work).
-
-        Why not solve and clamp: when two features move together (the fixed
-        part and "drafting at all" while K never reaches 0, say) the free
-        solution can put +1.7 s on one and -1.7 s on the other; clamping the
-        negative one alone then predicts steps seconds too slow. Instead the
-        most negative coefficient is fixed at 0 and the rest re-solved, until
-        none is negative (an active-set pass; 6 unknowns, at most 6 solves).
-        """
-        active = list(range(self._xty.size))
-        w = np.zeros_like(self._xty)
-        while active:
-            idx = np.array(active)
-            sub = np.linalg.solve(self._xtx[np.ix_(idx, idx)], self._xty[idx])
-            if (sub >= 0).all():
-                w[idx] = sub
-                break
-            active.pop(int(sub.argmin()))
-        return w
-
-    def predict(self, features: Sequence[float]) -> float:
-        return max(sum(w * x for w, x in zip(self.coefficients(), features)), 1e-6)
-
-    def is_outlier(self, features: Sequence[float], seconds: float) -> bool:
-        """Idle gaps between requests are not step cost."""
-        return self.samples >= 8 and seconds > 8.0 * self.predict(features)
-
-
-@dataclass
-class CostResidual:
-    """How far the linear cost model is off, per K and batch size: decayed
-    measured seconds over predicted seconds of the steps that drafted K at
-    about that batch size (powers of two: 1, 2-3, 4-7, ...).
-
-    Why: the model is linear in a handful of features, but a real step need
-    not be (code paths that differ by K, GPU tile sizes, caches). Scaling each
-    K's predicted cost by its own measured ratio lets what was observed at
-    that K overrule the fit, and leaves the fit in charge where a K has rarely
-    run (``prior_weight`` pseudo-steps at ratio 1). It decays per step of the
-    same cell, so a K tried seldom keeps its last measured ratio. In the
-    closed-loop test where K = 1 and 2 cost 25 ms more than the features can
-    say, the controller reached 0.86 of the best fixed K's throughput without
-    it and 0.98 with it (6 seeds; ``test_measured_cost_per_k_overrules_a_misfit_linear_model``).
-    """
-
-    decay: float = 0.97
-    prior_weight: float = 8.0
-    cells: dict[tuple[int, int], list[float]] = field(default_factory=dict)  # -> [steps, seconds, *features]
-
-    def observe(self, batch_size: int, k: int, seconds: float, features: Sequence[float]) -> None:
-        cell = self.cells.setdefault((k, batch_size.bit_length()), [0.0] * (2 + len(features)))
-        for i, x in enumerate((1.0, seconds, *features)):
-            cell[i] = cell[i] * self.decay + x
-
-    def ratio(self, batch_size: int, k: int, coefficients: Sequence[float]) -> float:
-        """Measured / predicted seconds, pulled towards 1 by the prior. The
-        cell keeps feature sums, not predictions, so it is always measured
-        against the current fit (an early, unsettled fit leaves no trace)."""
-        bucket = batch_size.bit_length()
-        measured_ks = [j for j, b in self.cells if b == bucket]
-        if not measured_ks:
-            return 1.0
-        # A K not measured at this batch size borrows its nearest measured
-        # neighbour's ratio: the misfit varies smoothly with K, and ratio 1
-        # there would make every unmeasured K look like a bargain.
-        cell = self.cells[(min(measured_ks, key=lambda j: (abs(j - k), j)), bucket)]
-        steps, measured, features = cell[0], cell[1], cell[2:]
-        predicted = max(sum(w * x for w, x in zip(coefficients, features)), 1e-9)
-        prior = self.prior_weight * predicted / steps  # pseudo-steps of the cell's typical length
-        return (measured + prior) / (predicted + prior)
 
 
 class GoodputController:
