@@ -36,11 +36,14 @@ def main() -> None:
     from pard_vllm.prepare import prepare
 
     trace: list[int] = []
+    controllers: list[GoodputController] = []
     choose = GoodputController.choose
 
     def traced(self, batch_size):
         k = choose(self, batch_size)
         trace.append(k)
+        if not controllers:
+            controllers.append(self)
         return k
 
     GoodputController.choose = GoodputController.__getitem__ = traced
@@ -52,10 +55,15 @@ def main() -> None:
     llm = make_engine(paths["target"], spec, engine_args)
     for temperature in (float(t) for t in args.temperatures.split(",")):
         trace.clear()
+        for c in controllers:  # per cell, like the trace
+            c.history.clear()
+            c.reasons.clear()
         ids, secs, _ = run_cell(llm, prompts, args.batch_size, temperature, args.max_tokens, _NoBar())
         runs = " ".join(f"{k}x{len(list(g))}" for k, g in itertools.groupby(trace))
         print(f"T={temperature} {sum(map(len, ids)) / secs:.1f} tok/s, steps {len(trace)}, "
               f"drafting {sum(1 for k in trace if k)}\n  K x steps: {runs}", flush=True)
+        if controllers:  # which rule chose K (GoodputController.choose), and the fit at the end
+            print(f"  {controllers[0].summary()}", flush=True)
 
 
 if __name__ == "__main__":

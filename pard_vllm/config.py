@@ -63,10 +63,12 @@ class PardOptions(BaseModel):
     #: Speculate only when the best K is predicted at least this much faster
     #: than plain decoding: what the cost model cannot see (requests finishing
     #: apart, the draft's catch-up, noise) cost 10-15% at batch 4 on a CPU.
+    #: Waived where speculating has measured faster (with ``adaptive_guard``).
     adaptive_margin: float = Field(default=0.10, ge=0.0, le=1.0)
     #: Do not speculate at a batch size where steady speculating steps have
     #: measured fewer tokens/s than steady plain ones, whatever the model
-    #: predicts (``pard_vllm.measured_goodput``).
+    #: predicts (``pard_vllm.measured_goodput``); where measured faster, the
+    #: margin is waived and the plain side is probed less often.
     adaptive_guard: bool = True
     #: Steps that draft nothing (K = 0): "skip" runs no draft forward and lets
     #: the draft re-read the missed tokens when drafting resumes; "forward"

@@ -12,7 +12,9 @@ grows with the batch, so a wide bucket would compare a regime seen at 7
 requests with one seen at 4). When speculating has measured
 slower than not speculating at a bucket, beyond the noise of both
 measurements, the controller does not speculate there, whatever the model
-predicts; probes keep both sides measured.
+predicts; probes keep both sides measured. Where it has measured faster
+beyond noise, the controller trusts that over its model's margin of error
+and probes the plain side less often.
 
 Worked example (batch 4): the controller drafts K = 1 and its steady steps
 produce 4 + 1.6 accepted = 5.6 tokens in 100 ms (56 tok/s); the floor probes'
@@ -99,8 +101,19 @@ class MeasuredGoodput:
     def speculation_slower(self, batch_size: int) -> bool:
         """Has speculating measured slower than plain decoding here, beyond noise?
         The ratio plus ``z`` of its standard errors must stay below 1."""
+        bounds = self._ratio_bounds(batch_size)
+        return bounds is not None and bounds[1] < 1.0
+
+    def speculation_faster(self, batch_size: int, z: float | None = None, by: float = 0.0) -> bool:
+        """The mirror question: the ratio minus ``z`` (default ``self.z``)
+        standard errors above 1 + ``by``."""
+        bounds = self._ratio_bounds(batch_size, z)
+        return bounds is not None and bounds[0] > 1.0 + by
+
+    def _ratio_bounds(self, batch_size: int, z: float | None = None) -> tuple[float, float] | None:
         ratio = self.speculation_ratio(batch_size)
         if ratio is None:
-            return False
+            return None
+        z = self.z if z is None else z
         error = (self.relative_error(batch_size, True) ** 2 + self.relative_error(batch_size, False) ** 2) ** 0.5
-        return ratio * (1 + self.z * error) < 1.0
+        return ratio * (1 - z * error), ratio * (1 + z * error)

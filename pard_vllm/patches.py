@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 from typing import Any
 
 from vllm.logger import init_logger
@@ -187,8 +188,6 @@ class CpuReservedCoreDefault:
 
     @classmethod
     def apply(cls) -> None:
-        import os
-
         from vllm.platforms import current_platform
 
         cores = len(os.sched_getaffinity(0))
@@ -364,6 +363,10 @@ class AdaptiveKPatch:
                     guard=options.adaptive_guard)
                 self.dynamic_sd_lookup = self._pard_controller
                 self._pard_auto_cut = options.confidence_threshold == "auto"
+                raw = os.environ.get("PARD_VLLM_ADAPTIVE_LOG_STEPS", "2000")
+                if not raw.isdigit() or int(raw) < 1:
+                    raise ValueError(f"PARD_VLLM_ADAPTIVE_LOG_STEPS must be a step count >= 1 (e.g. 2000); got {raw!r}")
+                self._pard_log_steps = int(raw)  # the controller's summary line, every this many steps
                 logger.info("pard-vllm: goodput-adaptive K in [%d, %d]",
                             options.min_speculative_tokens, self.num_spec_tokens)
 
@@ -390,9 +393,10 @@ class AdaptiveKPatch:
                 if self._pard_auto_cut:  # what a draft must be worth to be verified this step
                     setattr(output, THRESHOLD_ATTR, controller.cut_threshold(step[0], step[2]))
                 self._pard_last_step = (now, step) if tokens else None
-                if sum(controller.history.values()) >= 2000:
+                if sum(controller.history.values()) >= self._pard_log_steps:
                     logger.info("pard-vllm adaptive: %s", controller.summary())
                     controller.history.clear()
+                    controller.reasons.clear()
                 return output
 
             return schedule

@@ -361,6 +361,21 @@ def test_a_gain_inside_the_margin_does_not_speculate():
         for r in range(4000):
             ctl.observe_request(1, 1 if (r * p) % 1 + p >= 1 else 0)
         assert ctl.best_k(1) == expected, (margin, ctl.goodput(1, 1) / ctl.goodput(1, 0))
+        assert ctl._why == ("margin" if expected == 0 else "model")
+    # Unless speculating has measured at least the margin faster here, one
+    # standard error included (2 tokens in 70 +- 3.5 ms against 1 in 60 +- 3 ms,
+    # 1.7x): then the measurement decides. 1.06x, though beyond noise, is not enough.
+    ctl.margin = 0.05
+    for spec_seconds, expected in ((0.070, 1), (0.120 / 1.06, 0)):
+        ctl.measured = MeasuredGoodput()
+        for i in range(12):
+            ctl.measured.observe(1, True, 2, spec_seconds * (1 + 0.05 * (-1) ** i))
+            ctl.measured.observe(1, False, 1, 0.060 * (1 + 0.05 * (-1) ** i))
+        assert ctl.measured.speculation_faster(1) and ctl.best_k(1) == expected
+        assert ctl._why == ("measured" if expected else "margin")
+    ctl.measured.cells.clear()
+    ctl.guard = False  # ... which is the guard's measurement: off, the margin stands
+    assert ctl.best_k(1) == 0
 
 
 def test_measured_slower_speculation_overrules_the_model():
@@ -446,16 +461,40 @@ def _drive(ctl: GoodputController, batch: int, steps: int, spec_seconds: float, 
     return ks
 
 
+def _floor_starts(ctl: GoodputController, ks: list[int], first_step: int) -> list[int]:
+    return [first_step + i + 1 for i, k in enumerate(ks) if k == 0 and (i == 0 or ks[i - 1] != 0)]
+
+
 def test_floor_probes_come_sooner_until_the_plain_side_is_measured():
     """Until the guard has plain steps at this batch size (5 steady ones: two
     per 3-step probe, the first verifies the drafts before it), floor probes
-    start every 8 steps; afterwards every 48."""
+    start every 8 steps; afterwards every 48, and every 96, 192, ... while
+    speculating measures faster beyond noise (here 5x). When that verdict
+    lapses (here: the measurements are dropped) they return to every 8, then 48."""
     ctl = _controller(0.040, 0.0005, [0.8] * 8)
     ctl.measured, ctl.steps = MeasuredGoodput(), ctl.calibrate  # past start-up, nothing measured
-    ks = _drive(ctl, 16, 200, spec_seconds=0.060, plain_seconds=0.050, accepted=4)
-    starts = [ctl.calibrate + i + 1 for i, k in enumerate(ks) if k == 0 and (i == 0 or ks[i - 1] != 0)]
-    assert starts == [16, 24, 32, 48, 96, 144, 192], starts
-    assert ctl.measured.rate(16, False) is not None
+    ks = _drive(ctl, 16, 400, spec_seconds=0.060, plain_seconds=0.050, accepted=4)
+    starts = _floor_starts(ctl, ks, ctl.calibrate)
+    assert starts == [16, 24, 32, 48, 96, 192, 384], starts
+    assert ctl.measured.speculation_faster(16)
+    # Every step's rule is counted: each probe is one "floor" step and two "probe" ones.
+    assert ctl.reasons["floor"] == len(starts) and ctl.reasons["probe"] == 2 * len(starts), ctl.reasons
+    assert sum(ctl.reasons.values()) == 400 and ctl.reasons["model"] == 400 - 3 * len(starts), ctl.reasons
+
+    ctl.measured, ctl.steps = MeasuredGoodput(), 1000
+    ks = _drive(ctl, 16, 100, spec_seconds=0.060, plain_seconds=0.050, accepted=4)
+    assert _floor_starts(ctl, ks, 1000) == [1008, 1016, 1024, 1056], _floor_starts(ctl, ks, 1000)
+
+
+def test_start_up_steps_are_not_measured_as_speculating():
+    """The start-up cycles K = 8, 4, 1, 0 to teach the fit; its drafting steps
+    (and the step verifying their drafts) stay out of the guard's measurement,
+    the steps after it count."""
+    ctl = GoodputController(max_k=8)
+    _drive(ctl, 1, ctl.calibrate, spec_seconds=0.090, plain_seconds=0.040)
+    assert ctl.reasons == {"calibrate": ctl.calibrate} and not ctl.measured.cells
+    _drive(ctl, 1, 10, spec_seconds=0.045, plain_seconds=0.040)
+    assert ctl.measured.cells, ctl.reasons
 
 
 def test_guard_verdict_is_revised_when_speculation_gets_faster():
@@ -484,3 +523,4 @@ def test_guard_verdict_is_revised_when_speculation_gets_faster():
     slow = _drive(ctl, 1, 1000, spec_seconds=0.100, plain_seconds=0.0405, accepted=0)
     starts = [i for i, k in enumerate(slow) if k and (i == 0 or not slow[i - 1])]
     assert [b - a for a, b in zip(starts, starts[1:])] == [96, 192, 384], starts
+    assert ctl.reasons["mirror"] == len(starts) and ctl.reasons["guard"] > 900, ctl.reasons
