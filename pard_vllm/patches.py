@@ -338,6 +338,14 @@ class AdaptiveKPatch:
     """
 
     @staticmethod
+    def log_steps(environ) -> int:
+        """Steps between the controller's summary lines (``PARD_VLLM_ADAPTIVE_LOG_STEPS``)."""
+        raw = environ.get("PARD_VLLM_ADAPTIVE_LOG_STEPS", "2000")
+        if not raw.strip().isdigit() or int(raw) < 1:
+            raise ValueError(f"PARD_VLLM_ADAPTIVE_LOG_STEPS must be a step count >= 1 (e.g. 2000); got {raw!r}")
+        return int(raw)
+
+    @staticmethod
     def apply() -> None:
         import time
 
@@ -363,10 +371,7 @@ class AdaptiveKPatch:
                     guard=options.adaptive_guard)
                 self.dynamic_sd_lookup = self._pard_controller
                 self._pard_auto_cut = options.confidence_threshold == "auto"
-                raw = os.environ.get("PARD_VLLM_ADAPTIVE_LOG_STEPS", "2000")
-                if not raw.isdigit() or int(raw) < 1:
-                    raise ValueError(f"PARD_VLLM_ADAPTIVE_LOG_STEPS must be a step count >= 1 (e.g. 2000); got {raw!r}")
-                self._pard_log_steps = int(raw)  # the controller's summary line, every this many steps
+                self._pard_log_steps = AdaptiveKPatch.log_steps(os.environ)
                 logger.info("pard-vllm: goodput-adaptive K in [%d, %d]",
                             options.min_speculative_tokens, self.num_spec_tokens)
 

@@ -66,6 +66,16 @@ def test_heap_trimmer_every_n_steps_and_switch(monkeypatch):
         HeapTrimmer()
 
 
+def test_adaptive_log_interval_from_the_environment():
+    from pard_vllm.patches import AdaptiveKPatch
+
+    assert AdaptiveKPatch.log_steps({}) == 2000
+    assert AdaptiveKPatch.log_steps({"PARD_VLLM_ADAPTIVE_LOG_STEPS": "60"}) == 60
+    for bad in ("0", "-5", "often", ""):
+        with pytest.raises(ValueError, match="step count >= 1"):
+            AdaptiveKPatch.log_steps({"PARD_VLLM_ADAPTIVE_LOG_STEPS": bad})
+
+
 def test_reserved_core_default_only_on_small_cpu_hosts_and_never_over_the_user():
     from pard_vllm.patches import CpuReservedCoreDefault as P
 
