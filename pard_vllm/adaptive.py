@@ -286,14 +286,15 @@ class GoodputController:
                 self._mirror_every, self._next_mirror = self.floor_every, None
             elif self._next_mirror is None:
                 self._next_mirror = self.steps + self._mirror_every
-            pays = self.guard and self.measured.speculation_faster(max(batch_size, 1))
-            if not pays:
+            # The back-off (see floor_every): the verdict is read only while it
+            # is in effect or when a probe is due, not on every step.
+            if self._floor_backoff > 1 and not self._clearly_pays(max(batch_size, 1)):
                 self._floor_backoff = 1  # back to the base rate as soon as the verdict lapses
             every = self._floor_every(max(batch_size, 1)) * self._floor_backoff
             if every and self.steps % every == 0 and k != self.min_k:
                 k, why = self.min_k, "floor"  # keeps the floor's cost measured (see floor_every)
                 self._probe = [k] * (self.probe_steps - 1)
-                if pays:  # each probe that finds speculation still ahead doubles the wait
+                if self._clearly_pays(max(batch_size, 1)):  # still ahead: double the wait
                     self._floor_backoff = min(2 * self._floor_backoff, 16)
             elif self._overruled and self.floor_every and self.steps >= self._next_mirror:
                 # The mirror image while the guard holds K at 0 against the model:
@@ -328,6 +329,9 @@ class GoodputController:
         return k
 
     __getitem__ = choose
+
+    def _clearly_pays(self, batch_size: int) -> bool:
+        return self.guard and self.measured.speculation_faster(batch_size)
 
     def _floor_every(self, batch_size: int) -> int:
         unjudged = self.guard and self.min_k == 0 and self.measured.rate(batch_size, False) is None
