@@ -45,7 +45,13 @@ class StepCostModel:
     The first step seen seeds the ridge target: that step's time as the fixed
     part, plus as much again per ``prior_tokens`` tokens. The ridge decays like
     the data, so measured steps of different sizes take over within a few
-    dozen steps. Coefficients are clamped at 0 (cost never falls with work).
+    dozen steps, down to a floor of ``ridge_floor`` times its first weight.
+    Why the floor: when two features move together for good (with
+    ``min_speculative_tokens`` >= 1 "drafting at all" is the constant column;
+    a long decode-only stretch has no prefill) the decayed ridge is all that
+    keeps the system solvable, and after ~5900 steps it fell below float
+    precision and the solve raised "Singular matrix" inside vLLM's scheduler.
+    Coefficients are clamped at 0 (cost never falls with work).
     """
 
     decay: float = 0.995
@@ -56,6 +62,8 @@ class StepCostModel:
     # overhead (and its thread pool, busy with the model) cost ~10x more.
     _xtx: np.ndarray = field(default_factory=lambda: np.zeros((6, 6)))
     _xty: np.ndarray = field(default_factory=lambda: np.zeros(6))
+    ridge_floor: float = 1e-6
+    _floor: tuple[np.ndarray, np.ndarray] = field(default_factory=lambda: (np.zeros((6, 6)), np.zeros(6)))
     _w: list[float] | None = None
 
     def observe(self, features: Sequence[float], seconds: float) -> None:
@@ -67,6 +75,7 @@ class StepCostModel:
             ridge = np.diag(self.prior_weight * scale ** 2)
             prior = np.array([seconds, seconds / self.prior_tokens, 0.0, 0.0, 0.0, seconds / self.prior_tokens])
             self._xtx, self._xty = ridge, ridge @ prior
+            self._floor = (self.ridge_floor * ridge, self.ridge_floor * (ridge @ prior))
         self._xtx = self._xtx * self.decay + np.outer(x, x)
         self._xty = self._xty * self.decay + x * seconds
         self._w = None
@@ -91,11 +100,12 @@ class StepCostModel:
         most negative coefficient is fixed at 0 and the rest re-solved, until
         none is negative (an active-set pass; 6 unknowns, at most 6 solves).
         """
-        active = list(range(self._xty.size))
-        w = np.zeros_like(self._xty)
+        xtx, xty = self._xtx + self._floor[0], self._xty + self._floor[1]
+        active = list(range(xty.size))
+        w = np.zeros_like(xty)
         while active:
             idx = np.array(active)
-            sub = np.linalg.solve(self._xtx[np.ix_(idx, idx)], self._xty[idx])
+            sub = np.linalg.solve(xtx[np.ix_(idx, idx)], xty[idx])
             if (sub >= 0).all():
                 w[idx] = sub
                 break

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 
 import pytest
 import torch
@@ -66,6 +67,21 @@ def test_cost_model_stays_accurate_when_features_move_together():
     assert min(cost.coefficients()) >= 0
     x = step_features(64, 256, 3)
     assert cost.predict(x) == pytest.approx(0.055 + 0.0036 * 256 + 0.002 * 192, rel=0.02)
+
+
+def test_cost_model_stays_solvable_when_features_move_together_for_good():
+    """With min_k = 1 "drafting at all" never changes, and at batch 1 without
+    prompts the prefill column stays 0: only the ridge keeps the fit solvable.
+    Decayed with the data it fell below float precision after ~5900 steps and
+    the solve raised "Singular matrix"; its floor keeps 10000 steps fine."""
+    rng = random.Random(0)
+    ctl = GoodputController(max_k=8, min_k=1)
+    for _ in range(10000):
+        k = ctl.choose(1)
+        ctl.observe_request(k, min(k, rng.choice([0, 0, 1, 2])))
+        ctl.observe_step(1, 1 + k, k, 0.040 + 0.004 * (1 + k) + 0.002 * rng.random())
+    x = step_features(1, 3, 2, verifying=True)  # and the fit still prices a step right
+    assert ctl.cost.predict(x) == pytest.approx(0.040 + 0.004 * 3 + 0.001, rel=0.05), ctl.cost.coefficients()
 
 
 def _linear_step(batch, tokens, k):
