@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 
-DEFAULT_TRIM_STEPS = 256
+from pard_vllm.config import STEP_COUNT_VARIABLES, step_count_from_env
+
+DEFAULT_TRIM_STEPS = STEP_COUNT_VARIABLES["PARD_VLLM_MALLOC_TRIM_STEPS"][0]
 
 
 def _malloc_trim():
@@ -43,12 +44,7 @@ class HeapTrimmer:
 
     def __init__(self, every: int | None = None):
         if every is None:
-            raw = os.environ.get("PARD_VLLM_MALLOC_TRIM_STEPS", str(DEFAULT_TRIM_STEPS))
-            try:
-                every = int(raw)
-            except ValueError:
-                raise ValueError(f"PARD_VLLM_MALLOC_TRIM_STEPS must be a step count (e.g. "
-                                 f"{DEFAULT_TRIM_STEPS}) or 0 to disable; got {raw!r}") from None
+            every = step_count_from_env("PARD_VLLM_MALLOC_TRIM_STEPS")
         self.every = max(every, 0)
         self._trim = _malloc_trim() if self.every else None
         self.steps = 0

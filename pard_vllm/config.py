@@ -41,6 +41,30 @@ class PardConfigError(ValueError):
     """A one-line, user-facing problem with the ``pard`` speculative config."""
 
 
+#: Environment switches that vLLM's engine process reads: name -> (default, lowest
+#: valid value, what is expected). ``resolve_pard_config`` checks them all in the
+#: process the user started, so a typo stops ``vllm serve`` with one line instead of
+#: a traceback from inside the engine's start-up.
+STEP_COUNT_VARIABLES = {
+    "PARD_VLLM_ADAPTIVE_LOG_STEPS": (2000, 1, "a step count >= 1"),
+    "PARD_VLLM_MALLOC_TRIM_STEPS": (256, 0, "a step count, or 0 to turn trimming off"),
+}
+
+
+def step_count_from_env(name: str, environ=None) -> int:
+    """The value of one of ``STEP_COUNT_VARIABLES`` (its default when unset)."""
+    default, lowest, expected = STEP_COUNT_VARIABLES[name]
+    raw = (os.environ if environ is None else environ).get(name, str(default))
+    if not raw.strip().isdigit() or int(raw) < lowest:
+        raise PardConfigError(f"{name} must be {expected} (e.g. {default}); got {raw!r}: fix or unset it")
+    return int(raw)
+
+
+def check_environment(environ=None) -> None:
+    for name in STEP_COUNT_VARIABLES:
+        step_count_from_env(name, environ)
+
+
 class PardOptions(BaseModel):
     """Our options; vLLM never sees these keys."""
 
@@ -158,6 +182,7 @@ def resolve_pard_config(spec: dict[str, Any]) -> tuple[dict[str, Any], PardOptio
     Raises PardConfigError with a one-line fix for every bad input we can see
     before loading weights.
     """
+    check_environment()
     spec = {k.replace("-", "_"): v for k, v in spec.items()}
     ours = {k: v for k, v in spec.items() if k not in PASSTHROUGH_KEYS}
     ours["method"] = "pard"

@@ -17,6 +17,7 @@ from typing import Any
 from vllm.logger import init_logger
 
 from pard_vllm.confidence_cut import THRESHOLD_ATTR
+from pard_vllm.config import step_count_from_env
 
 # Under the "vllm" logger so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
 logger = init_logger("vllm.pard_vllm." + __name__.rsplit(".", 1)[-1])
@@ -338,14 +339,6 @@ class AdaptiveKPatch:
     """
 
     @staticmethod
-    def log_steps(environ) -> int:
-        """Steps between the controller's summary lines (``PARD_VLLM_ADAPTIVE_LOG_STEPS``)."""
-        raw = environ.get("PARD_VLLM_ADAPTIVE_LOG_STEPS", "2000")
-        if not raw.strip().isdigit() or int(raw) < 1:
-            raise ValueError(f"PARD_VLLM_ADAPTIVE_LOG_STEPS must be a step count >= 1 (e.g. 2000); got {raw!r}")
-        return int(raw)
-
-    @staticmethod
     def apply() -> None:
         import time
 
@@ -371,7 +364,7 @@ class AdaptiveKPatch:
                     guard=options.adaptive_guard)
                 self.dynamic_sd_lookup = self._pard_controller
                 self._pard_auto_cut = options.confidence_threshold == "auto"
-                self._pard_log_steps = AdaptiveKPatch.log_steps(os.environ)
+                self._pard_log_steps = step_count_from_env("PARD_VLLM_ADAPTIVE_LOG_STEPS")
                 logger.info("pard-vllm: goodput-adaptive K in [%d, %d]",
                             options.min_speculative_tokens, self.num_spec_tokens)
 

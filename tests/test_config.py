@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -137,11 +138,11 @@ def test_malformed_json_argument():
     assert SpeculativeConfigArgPatch.parse('{"method": "pard"}') == {"method": "pard"}
 
 
-def _vllm_serve_error(*args: str) -> subprocess.CompletedProcess:
+def _vllm_serve_error(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     from pard_vllm.server import vllm_executable
 
     return subprocess.run([vllm_executable(), "serve", *args, "--port", "1"], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=None if env is None else {**os.environ, **env})
 
 
 def test_vllm_serve_malformed_json_is_one_line(embedded):
@@ -157,6 +158,18 @@ def test_vllm_serve_bad_config_is_one_line(embedded, tmp_path):
     assert "Traceback" not in res.stderr, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: draft model path") and "does not exist" in last
+
+
+def test_vllm_serve_bad_environment_switch_is_one_line(embedded):
+    """The engine process reads PARD_VLLM_ADAPTIVE_LOG_STEPS; a bad value must stop
+    `vllm serve` in the front end, before any engine starts, with one line."""
+    res = _vllm_serve_error(embedded["target"], "--speculative-config", json.dumps(
+        {"method": "pard", "model": embedded["draft"], "num_speculative_tokens": 4, "adaptive": "goodput"}),
+        env={"PARD_VLLM_ADAPTIVE_LOG_STEPS": "every 60"})
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: PARD_VLLM_ADAPTIVE_LOG_STEPS must be a step count >= 1"), last
 
 
 def test_plugin_refuses_unsupported_vllm():

@@ -61,19 +61,23 @@ def test_heap_trimmer_every_n_steps_and_switch(monkeypatch):
     off = HeapTrimmer()
     off.step()
     assert not off.enabled and off.trims == 0
-    monkeypatch.setenv("PARD_VLLM_MALLOC_TRIM_STEPS", "often")
-    with pytest.raises(ValueError, match="step count"):
-        HeapTrimmer()
+    for bad in ("often", "-1", ""):
+        monkeypatch.setenv("PARD_VLLM_MALLOC_TRIM_STEPS", bad)
+        with pytest.raises(ValueError, match="step count, or 0 to turn trimming off"):
+            HeapTrimmer()
 
 
-def test_adaptive_log_interval_from_the_environment():
-    from pard_vllm.patches import AdaptiveKPatch
+def test_step_counts_from_the_environment():
+    from pard_vllm.config import PardConfigError, check_environment, step_count_from_env
 
-    assert AdaptiveKPatch.log_steps({}) == 2000
-    assert AdaptiveKPatch.log_steps({"PARD_VLLM_ADAPTIVE_LOG_STEPS": "60"}) == 60
-    for bad in ("0", "-5", "often", ""):
-        with pytest.raises(ValueError, match="step count >= 1"):
-            AdaptiveKPatch.log_steps({"PARD_VLLM_ADAPTIVE_LOG_STEPS": bad})
+    assert step_count_from_env("PARD_VLLM_ADAPTIVE_LOG_STEPS", {}) == 2000
+    assert step_count_from_env("PARD_VLLM_ADAPTIVE_LOG_STEPS", {"PARD_VLLM_ADAPTIVE_LOG_STEPS": " 60"}) == 60
+    for bad in ("0", "-5", "often", "", "1e3"):
+        with pytest.raises(PardConfigError, match=r"ADAPTIVE_LOG_STEPS must be a step count >= 1 .*fix or unset it"):
+            step_count_from_env("PARD_VLLM_ADAPTIVE_LOG_STEPS", {"PARD_VLLM_ADAPTIVE_LOG_STEPS": bad})
+    check_environment({"PARD_VLLM_MALLOC_TRIM_STEPS": "0", "PARD_VLLM_ADAPTIVE_LOG_STEPS": "1"})
+    with pytest.raises(PardConfigError, match="MALLOC_TRIM_STEPS"):
+        check_environment({"PARD_VLLM_MALLOC_TRIM_STEPS": "off"})
 
 
 def test_reserved_core_default_only_on_small_cpu_hosts_and_never_over_the_user():
