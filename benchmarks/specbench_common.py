@@ -143,6 +143,29 @@ def spec_delta(before: dict, after: dict) -> dict:
     }
 
 
+def paired_ratio(numer: list[float], denom: list[float], draws: int = 10000, seed: int = 0):
+    """(geometric mean of numer[i] / denom[i], 2.5th and 97.5th percentile of a
+    bootstrap over i). Why paired: each i is one round that ran both sides
+    seconds apart, so the machine's drift between rounds cancels in the ratio."""
+    import numpy as np
+
+    logs = np.log(np.asarray(numer, dtype=float) / np.asarray(denom, dtype=float))
+    boot = logs[np.random.default_rng(seed).integers(0, len(logs), size=(draws, len(logs)))].mean(axis=1)
+    low, high = np.exp(np.percentile(boot, [2.5, 97.5]))
+    return float(np.exp(logs.mean())), float(low), float(high)
+
+
+def round_order(items: list, r: int) -> list:
+    """The order of round ``r``: ``items`` rotated left by r // 2, reversed on odd
+    rounds. Why both: rotation alone puts every item in every place, but always after
+    the same neighbour, and what one method leaves behind (a grown heap, warm caches)
+    then favours the same next one every round (seen: 5% at batch 64); reversing
+    every other round gives each item both neighbours (all orders, for three items)."""
+    by = (r // 2) % len(items)
+    order = items[by:] + items[:by]
+    return order[::-1] if r % 2 else order
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Linear-interpolated percentile (q in 0..100) without numpy's import cost."""
     if not values:
