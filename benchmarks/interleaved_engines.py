@@ -6,31 +6,35 @@
 
 Why: spec_bench runs one engine after another, and this VM's speed drifts by 10-25%
 between engines minutes apart, more than the 3-5% some goals are about. Here every
-method's engine (vLLM's usual engine-core process each; spec_bench's method names) is
-started first and kept alive; each round then runs one new block of prompts on every
+method's engine (spec_bench's method names; all in this process, vLLM's in-process
+engine core, as in the other in-process scripts here) is started first and kept alive; each round then runs one new block of prompts on every
 engine, in an order that changes every round (rotated, and reversed every other round:
 ``specbench_common.round_order``), so a drift lands on all methods alike and
-every round yields a paired ratio. An engine waiting for its turn sleeps on its input
-queue and takes no CPU. Reported: tokens/s over all rounds, tau (``--subject``'s only:
+every round yields a paired ratio. An engine waiting for its turn is an idle object and
+takes no CPU. Reported: tokens/s over all rounds, tau (``--subject``'s only:
 vLLM keeps one metrics registry per process, owned by the engine started last), speedup over ``ar``
 and ``--subject``'s speed relative to each method, each with a 95% bootstrap interval
 over rounds. Round 0 is a warm-up (lazy initialisation; the adaptive controller's
 start-up), not measured. At temperature 0 every output must equal ``ar``'s; the script
 exits non-zero if one does not.
 
-Memory: every engine holds its weights and a 2 GiB KV cache at once (about 3-4 GiB
-each here with the embedded default), so keep to four or five methods on 24 GiB.
+Memory: every engine holds its weights and a 2 GiB KV cache at once, so keep to four or
+five methods on 24 GiB (four used about 13 GiB here with the embedded default).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+# Every engine in this process: no engine-core process per method (memory), and the
+# same setting k0_overhead (imported below) applies on import anyway.
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import specbench_data  # noqa: E402
