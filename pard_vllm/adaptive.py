@@ -181,7 +181,10 @@ class GoodputController:
             faster than not speculating. The linear cost model misses costs
             of the speculative path (catch-up after skipped steps, bookkeeping)
             by several percent; at batch 4 here it predicted K = 1 and K = 0
-            level while K = 1 measured about 8% slower. Waived where
+            level while K = 1 measured about 8% slower. While it holds K at 0
+            the model's K is still probed now and then ("mirror" in
+            ``choose``): the prediction rests on acceptance that only drafting
+            steps measure. Waived where
             speculating has measured at least ``margin`` faster at this batch
             size, ``waive_z`` standard errors included (``measured``): the
             measurement then shows the gain the margin asks of the model. It
@@ -190,6 +193,14 @@ class GoodputController:
             plain steps run in the speculating engine, a few % slower than a
             plain engine's; at batch 4 here it measured 1.03-1.12 where
             speculating was level with plain decoding or behind it.
+        margin_probe_steps: how long a probe of the model's K lasts while the
+            margin holds K at 0 (every ``floor_every`` steps). Why longer than
+            ``probe_steps``: it is there to re-measure acceptance, which a
+            3-step probe at batch 1 samples twice. Replaying 30 starts on
+            each of two batch-1 sampled records (``benchmarks/controller_replay.py``,
+            benchmarks/results/replay/record_b1_t07*.json), 3 and 3 spent
+            330-1342 of 1500 steps at K = 0 with 3-step probes whose wait
+            doubled; 1 (421 steps) and 0 with 8-step probes every 48.
         waive_z: 1 standard error, not the guard's 2. Why: at batch 1 here
             speculating pays 1.1-1.4x, about 2 standard errors of what a cell
             measures, and the margin stopped drafting for 26 (greedy) and 99
@@ -209,7 +220,7 @@ class GoodputController:
                  margin: float = 0.05,
                  residual: CostResidual | None = None, probe_steps: int = 3,
                  probe_band: float = 0.25, measured: MeasuredGoodput | None = None, guard: bool = True,
-                 waive_z: float = 1.0):
+                 waive_z: float = 1.0, margin_probe_steps: int = 8):
         if not 0 <= min_k <= max_k:
             raise ValueError(f"need 0 <= min_k <= max_k, got {min_k}, {max_k}")
         self.max_k, self.min_k, self.explore, self.floor_every = max_k, min_k, explore, floor_every
@@ -223,8 +234,9 @@ class GoodputController:
         self.guard, self.waive_z = guard, waive_z
         self._accepted = 0.0  # drafts accepted in the step being measured (observe_request)
         self.probe_steps, self._probe, self.probe_band = max(1, probe_steps), [], probe_band
+        self.margin_probe_steps = max(1, margin_probe_steps)
         self._last_k: int | None = None
-        self._overruled = 0  # the model's K when the guard last held K at 0, else 0
+        self._overruled = 0  # the model's K when the guard or the margin last held K at 0, else 0
         self._mirror_every, self._next_mirror = floor_every, None  # speculating probes while it holds
         self._floor_backoff = 1  # floor probes every floor_every * this steps (see floor_every)
         self.rng = random.Random(seed)
@@ -261,7 +273,10 @@ class GoodputController:
             # unless speculating has measured faster here: then the measurement,
             # not the model's error, decides (see margin).
             if not (self.guard and self.measured.speculation_faster(batch_size, self.waive_z, by=self.margin)):
-                self._why = "margin"
+                # Held like the guard's verdict, so mirror probes keep testing it
+                # (see choose): the margin compares with an acceptance estimate
+                # that only speculating steps can correct.
+                self._overruled, self._why = best, "margin"
                 return 0
             self._why = "measured"
         if self.guard and self.min_k == 0 and best > 0 and self.measured.speculation_slower(batch_size):
@@ -297,16 +312,27 @@ class GoodputController:
                 if self._clearly_pays(max(batch_size, 1)):  # still ahead: double the wait
                     self._floor_backoff = min(2 * self._floor_backoff, 16)
             elif self._overruled and self.floor_every and self.steps >= self._next_mirror:
-                # The mirror image while the guard holds K at 0 against the model:
-                # keep the speculating side measured too, so a verdict reached on
-                # an unlucky stretch (or before the VM slowed the plain steps) can
-                # be revised, not frozen until exploration happens by. Each probe
-                # that leaves the verdict standing doubles the wait (48 steps up
-                # to 768): at batch 16 here a drafting step costs ~1.5 plain ones,
-                # so 3 in every 48 for good would cost ~3%.
+                # The mirror image while the guard or the margin holds K at 0
+                # against the model: keep the speculating side measured too, so a
+                # verdict reached on an unlucky stretch (or before the VM slowed
+                # the plain steps) can be revised, not frozen until exploration
+                # happens by. For the margin the unlucky stretch is in the
+                # acceptance: replaying 1500 measured batch-1 sampled steps, a
+                # first few dozen rejections left p_1 at 0.2 (0.47 measured over
+                # the run), the predicted gain under the margin, and speculation
+                # stayed off for 1400 steps (1 seed in 20; see
+                # tests/test_adaptive.py::test_margin_held_off_is_revisited). Under
+                # the guard each probe that leaves the verdict standing doubles the
+                # wait (48 steps up to 768): at batch 16 here a drafting step costs
+                # ~1.5 plain ones, so 3 in every 48 for good would cost ~3%. Under
+                # the margin the model predicts the probed K at least level with
+                # K = 0, so the probes cost about nothing: every 48 steps, and
+                # ``margin_probe_steps`` long (see there).
                 k, why = self._overruled, "mirror"
-                self._probe = [k] * (self.probe_steps - 1)
-                self._mirror_every = min(2 * self._mirror_every, 16 * self.floor_every)
+                held_by_guard = self._why == "guard"
+                self._probe = [k] * ((self.probe_steps if held_by_guard else self.margin_probe_steps) - 1)
+                if held_by_guard:  # a measured loss: probing it costs, so thin out
+                    self._mirror_every = min(2 * self._mirror_every, 16 * self.floor_every)
                 self._next_mirror = self.steps + self._mirror_every
             elif self.max_k > self.min_k and self.rng.random() < self.explore / self.probe_steps:
                 # Explore next to the best K (it measures the slope that matters and

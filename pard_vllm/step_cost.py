@@ -42,8 +42,15 @@ class StepCostModel:
     """seconds(step) = w . step_features(...), by exponentially weighted ridge
     least squares on the engine's own steps.
 
-    The first step seen seeds the ridge target: that step's time as the fixed
-    part, plus as much again per ``prior_tokens`` tokens. The ridge decays like
+    The first decode-only step seen seeds the ridge target: that step's time
+    as the fixed part, plus as much again per ``prior_tokens`` tokens; steps
+    before it are not fitted. Why decode-only: an engine's first step prefills
+    a prompt (~290 ms against ~45 ms for a decode step at batch 1 here), and
+    seeded from it the prior put 4.5 ms on each verified token, which the data
+    took ~700 steps to outweigh; meanwhile the controller drafted K = 2 where
+    K = 4 was ~4% faster (benchmarks/RESULTS.md, "The prefill-seeded prior").
+    Where every step prefills, the seed is the 17th step (``max_skipped``).
+    The ridge decays like
     the data, so measured steps of different sizes take over within a few
     dozen steps, down to a floor of ``ridge_floor`` times its first weight.
     Why the floor: when two features move together for good (with
@@ -65,12 +72,19 @@ class StepCostModel:
     ridge_floor: float = 1e-6
     _floor: tuple[np.ndarray, np.ndarray] = field(default_factory=lambda: (np.zeros((6, 6)), np.zeros(6)))
     _w: list[float] | None = None
+    #: Prefill steps passed over while waiting for a decode-only seed; past this
+    #: many (a server whose every step prefills), the next step seeds anyway.
+    max_skipped: int = 16
+    _skipped: int = 0
 
     def observe(self, features: Sequence[float], seconds: float) -> None:
         if seconds <= 0:
             return
         x = np.asarray(features, dtype=np.float64)
         if self.samples == 0:
+            if features[5] > 0 and self._skipped < self.max_skipped:
+                self._skipped += 1
+                return  # not a seed (see the class docstring); later prefill steps are fitted
             scale = np.array([1.0, self.prior_tokens, self.prior_tokens, 1.0, 1.0, self.prior_tokens])
             ridge = np.diag(self.prior_weight * scale ** 2)
             prior = np.array([seconds, seconds / self.prior_tokens, 0.0, 0.0, 0.0, seconds / self.prior_tokens])

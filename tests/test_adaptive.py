@@ -84,6 +84,27 @@ def test_cost_model_stays_solvable_when_features_move_together_for_good():
     assert ctl.cost.predict(x) == pytest.approx(0.040 + 0.004 * 3 + 0.001, rel=0.05), ctl.cost.coefficients()
 
 
+def test_cost_model_is_not_seeded_by_a_prefill_step():
+    """An engine's first step prefills a prompt (172 tokens, 290 ms here against
+    ~45 ms for a decode step). Seeded from it, the ridge prior put ~4.5 ms on
+    each verified token, and 200 decode steps of the kind batch 1 produces
+    (mostly K = 2, a floor probe every 49) still left 4 ms there, true 0.2 ms:
+    K = 4 then looked 8 ms dearer than K = 2. The prefill step is passed over
+    until a decode step seeds the prior; where every step prefills, the 17th seeds it."""
+    rng, model = random.Random(0), StepCostModel()
+    model.observe(step_features(1, 1, 8, False, 172), 0.290)
+    assert model.samples == 0
+    pattern = [(3, 2)] * 45 + [(3, 0), (1, 0), (1, 0), (1, 2)]
+    for i in range(200):
+        tokens, k = pattern[i % len(pattern)]
+        model.observe(step_features(1, tokens, k), (0.038 + 0.0002 * tokens + (0.008 if k else 0)) * rng.uniform(0.95, 1.05))
+    assert model.samples == 200 and model.coefficients()[1] < 0.0015, model.coefficients()
+    busy = StepCostModel()
+    for _ in range(17):
+        busy.observe(step_features(4, 4, 2, False, 300), 0.400)
+    assert busy.samples == 1
+
+
 def _linear_step(batch, tokens, k):
     """40 ms + 3.6 ms per verified token + 2 ms per drafted position + 15 ms for drafting at all."""
     return 0.040 + 0.0036 * tokens + (0.015 + 0.002 * batch * k if k else 0.0)
@@ -392,6 +413,25 @@ def test_a_gain_inside_the_margin_does_not_speculate():
     ctl.measured.cells.clear()
     ctl.guard = False  # ... which is the guard's measurement: off, the margin stands
     assert ctl.best_k(1) == 0
+
+
+def test_margin_held_off_is_revisited():
+    """An unlucky start: 5 of the first 25 drafts accepted (0.8 in truth) puts
+    the predicted gain of K = 1 at 1.08x, inside the 10% margin, so K = 0; and
+    with speculation off no acceptance is measured to correct it. The margin
+    is held like the guard's verdict: after 48 steps an 8-step probe of the
+    model's K measures acceptance again, the predicted gain clears the
+    margin, and K = 1 stays (it is 1.57x plain decoding here)."""
+    ctl = GoodputController(max_k=1, explore=0.0, margin=0.10)
+    for tokens, k, seconds in [(1, 0, 0.040), (2, 1, 0.046), (2, 0, 0.040), (1, 1, 0.046)] * 10:
+        ctl.observe_step(1, tokens, k, seconds)
+    for r in range(25):
+        ctl.observe_request(1, int(r % 5 == 0))
+    ctl.steps, ctl.measured, ctl._last_k = ctl.calibrate, MeasuredGoodput(), 0  # past start-up, nothing measured
+    assert ctl.best_k(1) == 0 and ctl._why == "margin", ctl.goodput(1, 1) / ctl.goodput(1, 0)
+    ks = _drive(ctl, 1, 300, spec_seconds=0.046, plain_seconds=0.040, accepted=1)
+    assert ks[:48] == [0] * 48 and ks[48:51] == [1, 1, 1], ks[:60]
+    assert ctl.reasons["mirror"] == 1 and ks[-100:].count(1) >= 90, (ctl.reasons, ks)
 
 
 def test_measured_slower_speculation_overrules_the_model():
