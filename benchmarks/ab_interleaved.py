@@ -70,6 +70,18 @@ def scheduler_of(llm):
     return scheduler
 
 
+def adaptive_engine(batch_size: int, k: int):
+    """One in-process engine of the embedded default with ``"adaptive": "goodput"``
+    (fp32, eager): its scheduler, and so its controller, live in this process."""
+    from pard_vllm.prepare import prepare
+
+    paths = prepare()
+    engine_args = SimpleNamespace(target=paths["target"], dtype="float32", compile=False,
+                                  max_model_len=1024, batch_sizes=[batch_size])
+    spec = {"method": "pard", "model": paths["draft"], "num_speculative_tokens": k, "adaptive": "goodput"}
+    return make_engine(paths["target"], spec, engine_args)
+
+
 def use_mode(scheduler, controllers: dict, mode: str) -> None:
     """Swap the scheduler's controller; forget the last step so no step is timed
     across the swap (it would carry the gap between blocks)."""
@@ -94,14 +106,8 @@ def main() -> None:
         ap.error(f"--modes must name 'adaptive' and pinned K values 0..{args.k}; got {args.modes!r}")
     block = args.block or 4 * args.batch_size
 
-    from pard_vllm.prepare import prepare
-
-    paths = prepare()
+    llm = adaptive_engine(args.batch_size, args.k)
     prompts = specbench_data.load(["humaneval"], block * (args.rounds + 1))["humaneval"]  # reused if short
-    engine_args = SimpleNamespace(target=paths["target"], dtype="float32", compile=False,
-                                  max_model_len=1024, batch_sizes=[args.batch_size])
-    spec = {"method": "pard", "model": paths["draft"], "num_speculative_tokens": args.k, "adaptive": "goodput"}
-    llm = make_engine(paths["target"], spec, engine_args)
     try:
         scheduler = scheduler_of(llm)
         controllers = {m: scheduler._pard_controller if m == "adaptive" else PinnedK(int(m)) for m in modes}
