@@ -317,10 +317,9 @@ class GoodputController:
                 # verdict reached on an unlucky stretch (or before the VM slowed
                 # the plain steps) can be revised, not frozen until exploration
                 # happens by. For the margin the unlucky stretch is in the
-                # acceptance: replaying 1500 measured batch-1 sampled steps, a
-                # first few dozen rejections left p_1 at 0.2 (0.47 measured over
-                # the run), the predicted gain under the margin, and speculation
-                # stayed off for 1400 steps (1 seed in 20; see
+                # acceptance: a first few dozen rejections can put the predicted
+                # gain under the margin, and only drafting steps re-measure it
+                # (benchmarks/RESULTS.md, "The controller's start at batch 1";
                 # tests/test_adaptive.py::test_margin_held_off_is_revisited). Under
                 # the guard each probe that leaves the verdict standing doubles the
                 # wait (48 steps up to 768): at batch 16 here a drafting step costs

@@ -48,7 +48,8 @@ class StepCostModel:
     a prompt (~290 ms against ~45 ms for a decode step at batch 1 here), and
     seeded from it the prior put 4.5 ms on each verified token, which the data
     took ~700 steps to outweigh; meanwhile the controller drafted K = 2 where
-    K = 4 was ~4% faster (benchmarks/RESULTS.md, "The prefill-seeded prior").
+    K = 4 was ~4% faster (benchmarks/RESULTS.md, "The controller's start at
+    batch 1").
     Where every step prefills, the seed is the 17th step (``max_skipped``).
     The ridge decays like
     the data, so measured steps of different sizes take over within a few
