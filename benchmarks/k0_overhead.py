@@ -14,7 +14,11 @@ a constant in this process) and runs, on the same prompts and batches:
 * ``k0_skip``: PARD with K = 0 and ``"idle_draft": "skip"`` (the default: no draft
   forward; the draft catches up when drafting resumes);
 * ``adaptive``: PARD with the controller left choosing K (not pinned), to see
-  what its drafting steps and probes add to a cell where it ends up not drafting.
+  what its drafting steps and probes add to a cell where it ends up not drafting;
+* ``pard@K``: PARD drafting a fixed K every step (no controller), to time what a
+  drafting step costs by part (with ``--breakdown``: the proposer's inputs, the
+  draft's output layer and sampling, its forward, the rejection sampler), e.g.
+  ``--batch-sizes 1 --num-prompts 4 --methods ar,pard@4 --breakdown``.
 
 It prints tokens/s and the ratio to ``ar`` per batch size, measured in one run.
 This VM's speed drifts by 10-20% over minutes, so the methods run in turn
@@ -77,7 +81,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--methods", default="ar,k0_forward,k0_skip")
+    ap.add_argument("--methods", default="ar,k0_forward,k0_skip", help="ar, k0_forward, k0_skip, adaptive, pard@K")
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="sampling temperature (spec_bench's seeds, so outputs still compare)")
@@ -85,6 +89,9 @@ def main() -> None:
                     help="also time each part of an engine step (step_timers.py) and print ms per step")
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args()
+    for m in args.methods.split(","):
+        if m not in ("ar", "k0_forward", "k0_skip", "adaptive") and not (m.startswith("pard@") and m[5:].isdigit()):
+            ap.error(f"unknown method {m!r}: use ar, k0_forward, k0_skip, adaptive or pard@K (K a number, e.g. pard@4)")
 
     from pard_vllm.prepare import prepare
 
@@ -99,7 +106,9 @@ def main() -> None:
     for method in [m for _ in range(args.passes) for m in args.methods.split(",")]:
         spec = None
         pin_k_to_zero(method != "adaptive")
-        if method != "ar":
+        if method.startswith("pard@"):
+            spec = {"method": "pard", "model": paths["draft"], "num_speculative_tokens": int(method[5:])}
+        elif method != "ar":
             spec = {"method": "pard", "model": paths["draft"], "num_speculative_tokens": args.k,
                     "adaptive": "goodput", "idle_draft": "skip" if method == "adaptive" else method.removeprefix("k0_")}
         llm = make_engine(paths["target"], spec, engine_args)

@@ -25,7 +25,11 @@ TIMED = (
     ("execute_model", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "execute_model"),
     ("target_forward", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_model_forward"),
     ("sample_tokens", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "sample_tokens"),
+    ("rejection_sampler", "vllm.v1.sample.rejection_sampler", "RejectionSampler", "forward"),
     ("propose_drafts", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "propose_draft_token_ids"),
+    ("pard_propose", "pard_vllm.proposer", "PardProposer", "propose"),
+    ("draft_inputs", "pard_vllm.proposer", "PardProposer", "set_inputs_first_pass"),
+    ("draft_head_sample", "pard_vllm.proposer", "PardProposer", "_sample_draft_tokens"),
     ("update_from_output", "vllm.v1.core.sched.scheduler", "Scheduler", "update_from_output"),
     ("post_step", "vllm.v1.engine.core", "EngineCore", "post_step"),
 )
@@ -74,5 +78,7 @@ def per_step_ms() -> dict[str, float]:
     out = {label: 1000 * seconds.get(label, 0.0) / steps for label, *_ in TIMED}
     out["output_processing"] = out["llm_step"] - out["engine_step"] - out["post_step"]
     out["runner_outside_forward"] = out["execute_model"] - out["target_forward"]
+    # What is left of the proposer: the draft's forward, mostly (its attention metadata and buffers too).
+    out["draft_forward_etc"] = out["pard_propose"] - out["draft_inputs"] - out["draft_head_sample"]
     out["steps"] = calls.get("engine_step", 0)
     return out
