@@ -125,11 +125,16 @@ class ConfidenceCut:
         if len(self._sent) > 4096:  # requests that finished with drafts in flight
             self._sent = {r: e for r, e in self._sent.items() if e[0] >= self.step - 1}
 
-    def lengths(self, req_ids: Sequence[str], confidence: torch.Tensor, threshold: float) -> list[int]:
-        """How many of each request's K drafts to send for verification."""
+    def lengths(self, req_ids: Sequence[str], confidence: torch.Tensor, threshold: float,
+                fixed: Sequence[int] | None = None) -> list[int]:
+        """How many of each request's K drafts to send for verification.
+        ``fixed[i] > 0``: request i sends that many drafts that are not the
+        draft's (prompt lookup's); they are neither cut nor calibrated on."""
         lengths = lengths_from_confidence(self.calibration.rated(confidence), threshold).tolist()
-        for req_id, row, n in zip(req_ids, confidence.tolist(), lengths):
-            if n:
+        for i, (req_id, row, n) in enumerate(zip(req_ids, confidence.tolist(), lengths)):
+            if fixed is not None and fixed[i]:
+                lengths[i] = fixed[i]
+            elif n:
                 self._sent[req_id] = (self.step, row[:n])
         return lengths
 

@@ -104,6 +104,11 @@ class PardOptions(BaseModel):
     #: cost of verifying a token, on calibrated confidences
     #: (``pard_vllm.confidence_cut``).
     confidence_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] | Literal["auto"] | None = None
+    #: Per request, replace the first drafts with the tokens that followed the
+    #: request's last 2..prompt_lookup_max tokens where they occurred before in
+    #: its prompt or output (``pard_vllm.prompt_lookup``; sync scheduling only).
+    prompt_lookup: bool = True
+    prompt_lookup_max: int = Field(default=8, ge=2, le=64)
     #: Draft logits over only the N most frequent target ids
     #: (``pard_vllm.head_vocab``): None = the draft's own subset file if it has
     #: one, 0 = the full output layer, N = the first N ids of that file.
@@ -160,6 +165,9 @@ def _format_validation_error(err: ValidationError) -> str:
     if loc.startswith("confidence_threshold"):
         return (f"confidence_threshold must be a number between 0 and 1 (exclusive) or \"auto\" "
                 f"(got {first.get('input')!r}); e.g. 0.1")
+    if loc == "prompt_lookup_max":
+        return (f"prompt_lookup_max must be an integer from 2 to 64 (got {first.get('input')!r}); "
+                "8 is the default, or set \"prompt_lookup\": false to draft with PARD alone")
     if loc == "model" and first["type"] == "missing":
         return 'the pard speculative config needs "model": the path or hub id of a PARD draft'
     return f"invalid '{loc}' in the pard speculative config: {first['msg']}"

@@ -423,7 +423,7 @@ class AdaptiveKPatch:
 class DraftStepPatch:
     """Wraps ``GPUModelRunner.propose_draft_token_ids`` (the CPU runner inherits it).
 
-    Why, twice over:
+    Why, three times over:
 
     * With ``"confidence_threshold": "auto"`` the drafter cuts each request's
       drafts at a threshold the scheduler's controller computes every step, and
@@ -437,6 +437,9 @@ class DraftStepPatch:
       1 ms per step at batch 16-64 on this CPU (``benchmarks/k0_overhead.py
       --breakdown``), 1% of a plain step. Such steps go straight to
       ``PardProposer.idle_step``.
+    * The prompt lookup (``pard_vllm.prompt_lookup``) needs this step's sampled
+      tokens, which vLLM appends to its host token table only after drafting;
+      they are handed to the drafter here.
     """
 
     @staticmethod
@@ -453,6 +456,9 @@ class DraftStepPatch:
                 drafter = getattr(self, "drafter", None)
                 if hasattr(drafter, "cut_threshold"):
                     drafter.cut_threshold = getattr(scheduler_output, THRESHOLD_ATTR, None)
+                if hasattr(drafter, "sampled_token_ids"):  # for the prompt lookup, before bookkeeping
+                    drafter.sampled_token_ids = signature.bind(
+                        self, scheduler_output, *args, **kwargs).arguments["sampled_token_ids"]
                 if (getattr(drafter, "skip_idle_draft", False)
                         and scheduler_output.num_spec_tokens_to_schedule == 0
                         and getattr(self, "valid_sampled_token_count_event", None) is None):

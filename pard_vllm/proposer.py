@@ -31,6 +31,7 @@ from pard_vllm.config import PardOptions
 from pard_vllm.draft_batch import build_draft_batch
 from pard_vllm.draft_catchup import DraftLag, cap_lags, prepend_catchup
 from pard_vllm.head_vocab import SubsetHead
+from pard_vllm.prompt_lookup import PromptLookup, one_hot_rows, request_context
 
 # Under the "vllm" logger so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
 logger = init_logger("vllm.pard_vllm." + __name__.rsplit(".", 1)[-1])
@@ -72,6 +73,15 @@ class PardProposer(DraftModelProposer):
         # Freed per-step tensors otherwise stay resident (pard_vllm/allocator.py).
         self._heap = HeapTrimmer()
         self._head: SubsetHead | None = None  # set in load_model when the draft has a head vocabulary
+        # Prompt lookup reads vLLM's host token table, which async scheduling fills with placeholders.
+        self._lookup: PromptLookup | None = None
+        if options is not None and options.prompt_lookup:
+            if vllm_config.scheduler_config.async_scheduling or runner is None:
+                logger.warning("PARD: prompt_lookup needs sync scheduling; off "
+                               "(start with --no-async-scheduling to use it)")
+            else:
+                self._lookup = PromptLookup(options.prompt_lookup_max)
+        self.sampled_token_ids = None  # this step's sampled tokens, set by patches.DraftStepPatch
         logger.info("PARD: %d draft tokens per forward, mask token %d, %s drafts",
                     self.num_speculative_tokens, self.parallel_drafting_token_id,
                     self.speculative_config.draft_sample_method)
@@ -189,30 +199,69 @@ class PardProposer(DraftModelProposer):
         drops below it, or with "auto" where the calibrated estimate drops
         below the controller's threshold (``pard_vllm.confidence_cut``);
         ragged lists, which vLLM's sync scheduler accepts.
-        A step with K = 0 runs no draft forward (``idle_draft: "skip"``)."""
+        A step with K = 0 runs no draft forward (``idle_draft: "skip"``), nor
+        does one where the prompt lookup found every request's continuation
+        (``pard_vllm.prompt_lookup``)."""
         self._heap.step()
         call = _PROPOSE_SIGNATURE.bind(self, *args, **kwargs).arguments
         if self._cut is not None:
             self._settle_cut(call)
-        if call["num_speculative_tokens"] == 0 and self.skip_idle_draft:
+        k = call["num_speculative_tokens"]
+        if k == 0 and self.skip_idle_draft:
             return self._skip(call["target_positions"], call["common_attn_metadata"])
+        contexts = self._lookup_contexts(call["common_attn_metadata"].batch_size()) if k else None
+        if contexts is not None and self.skip_idle_draft:
+            found = [self._lookup.trusted(context, k) for context in contexts]
+            if all(found):  # PARD's drafts would all be replaced: no draft forward
+                self._skip(call["target_positions"], call["common_attn_metadata"])
+                return found
         drafts = super().propose(*args, **kwargs)
-        if self._confidence is None or drafts.shape[1] == 0:
+        if drafts.shape[1] == 0:
             return drafts
-        confidence = self._confidence.view(-1, drafts.shape[1])
-        self._confidence = None
-        if self._cut is not None:
-            if self.cut_threshold is None:
-                if not self._warned_no_cut:
-                    logger.warning("PARD: no cut threshold from the scheduler (is adaptive \"goodput\" on?); "
-                                   "drafting without the confidence cut")
-                    self._warned_no_cut = True
+        looked = self._look_up(drafts, contexts) if contexts is not None else None
+        if self._confidence is None:
+            if not looked or not any(looked):
                 return drafts
-            lengths = self._cut.lengths(self._req_ids(drafts.shape[0]), confidence, self.cut_threshold)
+            lengths = [m or drafts.shape[1] for m in looked]
         else:
-            lengths = lengths_from_confidence(confidence, self.confidence_threshold).tolist()
+            confidence = self._confidence.view(-1, drafts.shape[1])
+            self._confidence = None
+            if self._cut is not None:
+                if self.cut_threshold is None:
+                    if not self._warned_no_cut:
+                        logger.warning("PARD: no cut threshold from the scheduler (is adaptive \"goodput\" "
+                                       "on?); drafting without the confidence cut")
+                        self._warned_no_cut = True
+                    threshold = 0.0
+                else:
+                    threshold = self.cut_threshold
+                lengths = self._cut.lengths(self._req_ids(drafts.shape[0]), confidence, threshold,
+                                            fixed=looked)
+            else:
+                lengths = lengths_from_confidence(confidence, self.confidence_threshold).tolist()
+                if looked is not None:
+                    lengths = [m or n for n, m in zip(lengths, looked)]
         rows = drafts.tolist()
         return [row[:n] for row, n in zip(rows, lengths)]
+
+    def _lookup_contexts(self, batch_size: int) -> list | None:
+        """Each request's tokens after this step, for the prompt lookup (None: no lookup)."""
+        sampled, self.sampled_token_ids = self.sampled_token_ids, None
+        if self._lookup is None or sampled is None:
+            return None
+        table = self.runner.input_batch
+        sampled = sampled.tolist() if torch.is_tensor(sampled) else sampled
+        return [request_context(table.token_ids_cpu[i], int(table.num_tokens_no_spec[i]), sampled[i])
+                for i in range(batch_size)]
+
+    def _look_up(self, drafts: torch.Tensor, contexts: list) -> list[int]:
+        """In place: looked-up prefixes over PARD's drafts; how many per request
+        (a looked-up request sends only those: PARD's tail after them is not
+        about the looked-up tokens)."""
+        looked, point_from = self._lookup.apply(drafts, contexts)
+        if self._last_draft_probs is not None and any(looked):
+            one_hot_rows(self._last_draft_probs, drafts, looked, point_from)
+        return looked
 
     def idle_step(self, target_positions: torch.Tensor, cad) -> torch.Tensor:
         """A K = 0 step that verified no drafts, entered from the runner before

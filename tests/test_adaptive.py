@@ -305,8 +305,9 @@ def test_adaptive_is_lossless_and_turns_off_for_a_useless_draft(embedded, tmp_pa
         monkeypatch.setattr(cls, "__init__", init)
     prompts = TEST_PROMPTS[:12]
     plain, _ = _run(embedded["target"], None, prompts)
+    # The draft alone: looked-up drafts are neither cut nor calibrated on (tests/test_prompt_lookup.py).
     adaptive = {"method": "pard", "model": embedded["draft"], "num_speculative_tokens": 8,
-                "adaptive": "goodput", "confidence_threshold": "auto"}
+                "adaptive": "goodput", "confidence_threshold": "auto", "prompt_lookup": False}
     fast, metrics = _run(embedded["target"], adaptive, prompts)
     assert fast == plain  # fp32 greedy: exactly the plain tokens, K and cut varying or not
     # The draft-length histogram (DraftLengthMetricsPatch) agrees with vLLM's
@@ -334,7 +335,9 @@ def test_adaptive_is_lossless_and_turns_off_for_a_useless_draft(embedded, tmp_pa
     useless = _useless_draft(embedded["draft"], tmp_path / "useless")
     # Full output layer: with a head vocabulary, all-zero logits would pick its
     # first id (the target's most frequent token), which is sometimes right.
-    spec = {"method": "pard", "model": useless, "num_speculative_tokens": 8, "head_vocab": 0}
+    # (no prompt lookup either: its drafts would be accepted)
+    spec = {"method": "pard", "model": useless, "num_speculative_tokens": 8, "head_vocab": 0,
+            "prompt_lookup": False}
     fixed_out, fixed = _run(embedded["target"], spec, prompts)
     adapt_out, adapt = _run(embedded["target"], {**spec, "adaptive": "goodput"}, prompts)
     assert fixed_out == plain and adapt_out == plain

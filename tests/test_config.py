@@ -73,6 +73,8 @@ def test_probabilistic_drafts_map_to_vllm(embedded):
     ({"num_speculative_tokens": 33}, "from 1 to 32"),
     ({"num_speculative_tokens": 8, "draft_sampling": "beam"}, "draft_sampling"),
     ({"num_speculative_tokens": 8, "parallel_drafting": False}, "always drafts in parallel"),
+    ({"num_speculative_tokens": 8, "prompt_lookup_max": 1}, "prompt_lookup_max must be an integer from 2"),
+    ({"num_speculative_tokens": 8, "prompt_lookup": "yes please"}, "invalid 'prompt_lookup'"),
 ])
 def test_bad_options_are_one_line_errors(embedded, spec, fragment):
     with pytest.raises(PardConfigError) as err:

@@ -189,3 +189,54 @@ def test_pard_samples_like_plain_decoding(embedded, plain_samples, draft_samplin
     assert tv < MAX_TV, (f"PARD changed the sampled distribution (TV {tv:.2f}); most common: "
                          f"pard {collections.Counter(pard).most_common(3)}, "
                          f"plain {collections.Counter(plain_samples).most_common(3)}")
+
+
+REPEATING_PROMPT = "one two three four five. one two three four five. one two three"
+LOOKUP_SAMPLES = 400
+#: Measured on this prompt (400 samples, T = 0.8, top_p = 0.95): plain against
+#: plain with other seeds 0.105, PARD with the lookup against plain 0.115.
+MAX_TV_LOOKUP = 0.2
+
+
+@pytest.mark.slow
+def test_prompt_lookup_drafts_sample_like_plain_decoding(embedded, monkeypatch):
+    """A prompt that repeats itself, so the prompt lookup replaces drafts (with
+    one-hot draft probabilities) and skips whole draft forwards (no draft
+    probabilities at all): sampled continuations keep plain decoding's
+    distribution. A looked-up token whose draft probability pointed elsewhere
+    would be accepted every time (its target/draft ratio divides by zero) and
+    pile the samples onto it. (The 1-token rule's first token keeps PARD's
+    probability: tests/test_prompt_lookup.py.)"""
+    from pard_vllm import prompt_lookup
+
+    def samples(spec):
+        llm = LLM(embedded["target"], speculative_config=spec, **ENGINE_KW)
+        try:
+            params = [SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=NUM_TOKENS)
+                      for i in range(LOOKUP_SAMPLES)]
+            outs = llm.generate([REPEATING_PROMPT] * LOOKUP_SAMPLES, params, use_tqdm=False)
+            return [tuple(o.outputs[0].token_ids) for o in outs]
+        finally:
+            shutdown(llm)
+
+    plain = samples(None)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the drafter in this process, to count
+    found = []  # per lookup: did it replace drafts (both the skip test and the per-row rule)
+    for name in ("trusted", "continuation"):
+        original = getattr(prompt_lookup.PromptLookup, name)
+
+        def counting(self, *args, original=original):
+            result = original(self, *args)
+            found.append(bool(result))
+            return result
+
+        monkeypatch.setattr(prompt_lookup.PromptLookup, name, counting)
+    pard = samples({"method": "pard", "model": embedded["draft"], "num_speculative_tokens": 4,
+                    "draft_sampling": "probabilistic"})
+    assert sum(found) >= LOOKUP_SAMPLES // 2, f"the lookup replaced drafts in only {sum(found)} request-steps"
+    tv = _tv(pard, plain)
+    print(f"\nprompt lookup, probabilistic drafts: TV(pard, plain) = {tv:.3f}; "
+          f"lookups {sum(found)} of {len(found)}")
+    assert tv < MAX_TV_LOOKUP, (f"the lookup changed the sampled distribution (TV {tv:.2f}); most common: "
+                                f"pard {collections.Counter(pard).most_common(3)}, "
+                                f"plain {collections.Counter(plain).most_common(3)}")

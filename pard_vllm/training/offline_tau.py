@@ -74,13 +74,30 @@ def replay(guesses: torch.Tensor, tokens: torch.Tensor, start: int, max_new: int
     return {"drafts": drafts, "accepted": sum(per_pos), "per_pos": per_pos}
 
 
+def with_prompt_lookup(guesses: torch.Tensor, tokens: torch.Tensor, start: int, lookup) -> torch.Tensor:
+    """The guess table as the serving proposer sends it with ``"prompt_lookup"``:
+    from each anchor, a looked-up continuation alone where there is one
+    (``pard_vllm.prompt_lookup``), else the draft's guesses (-1 = not sent)."""
+    out = guesses.clone()
+    context = tokens.numpy().astype("int32")
+    for a in range(start, tokens.numel()):
+        found = lookup.continuation(context[: a + 1], guesses.shape[1], int(guesses[a, 0]))
+        if found:
+            out[a] = -1
+            out[a, :len(found)] = torch.tensor(found)
+    return out
+
+
 def offline_tau(model, docs: list, k: int = 8, mask_token: int = 16, max_new: int = 128,
-                head_ids: torch.Tensor | None = None) -> dict:
-    """Pooled tau over documents (``data.Doc``: prompt + answer), as vLLM pools its counters."""
+                head_ids: torch.Tensor | None = None, lookup=None) -> dict:
+    """Pooled tau over documents (``data.Doc``: prompt + answer), as vLLM pools its
+    counters; with ``lookup`` (a ``PromptLookup``) as the default serving config drafts."""
     drafts, per_pos = 0, [0] * k
     for d in docs:
         last = min(d.tokens.numel() - 1, d.loss_from + max_new)
         g = draft_guesses(model, d.tokens[: last + 1], k, mask_token, head_ids)
+        if lookup is not None:
+            g = with_prompt_lookup(g, d.tokens[: last + 1], d.loss_from, lookup)
         r = replay(g, d.tokens[: last + 1], d.loss_from, max_new)
         drafts += r["drafts"]
         per_pos = [x + y for x, y in zip(per_pos, r["per_pos"])]
@@ -131,11 +148,20 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, help="only the first N answers")
     ap.add_argument("--max-tokens", type=int, default=128, help="output tokens per answer, as in evaluate.py")
     ap.add_argument("--head-vocab", choices=["draft", "full"], default="draft")
+    ap.add_argument("--prompt-lookup", type=int, default=0, metavar="MAX_N",
+                    help="replay the serving default's prompt lookup with this prompt_lookup_max "
+                         "(e.g. 8; 0 = the draft alone)")
     ap.add_argument("--json-out")
     args = ap.parse_args(argv)
     model, mask, ids = load_for_eval(args.draft, args.head_vocab)
-    res = offline_tau(model, heldout_docs(args.data, args.n), args.k, mask, args.max_tokens, ids)
-    res.update(draft=args.draft, data=args.data, head_vocab=args.head_vocab if ids is not None else "full")
+    lookup = None
+    if args.prompt_lookup:
+        from pard_vllm.prompt_lookup import PromptLookup
+
+        lookup = PromptLookup(args.prompt_lookup)
+    res = offline_tau(model, heldout_docs(args.data, args.n), args.k, mask, args.max_tokens, ids, lookup)
+    res.update(draft=args.draft, data=args.data, head_vocab=args.head_vocab if ids is not None else "full",
+               prompt_lookup=args.prompt_lookup)
     print(json.dumps(res))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(res, indent=1) + "\n")
