@@ -72,8 +72,9 @@ def test_zz_metrics_show_drafts(servers):
     _chat(servers["pard"], servers["model"], PROMPTS[0], stream=False)
     stats = spec_decode_stats(servers["pard"].metrics())
     assert stats["num_drafts"] > 0
-    assert stats["num_draft_tokens"] == 8 * stats["num_drafts"]
-    # pard-vllm's draft-length histogram: every verified draft was 8 long.
+    # 8 per step, fewer where a prompt-lookup continuation was shorter (sent alone)
+    assert 6 * stats["num_drafts"] <= stats["num_draft_tokens"] <= 8 * stats["num_drafts"]
+    # pard-vllm's draft-length histogram: every verified draft was at most 8 long.
     metrics = servers["pard"].metrics()
     lengths = {key.split("{")[0]: value for key, value in metrics.items() if "pard_draft_length" in key
                and ('le="8.0"' in key or "le=" not in key)}
