@@ -15,7 +15,8 @@ a constant in this process) and runs, on the same prompts and batches:
   forward; the draft catches up when drafting resumes);
 * ``adaptive``: PARD with the controller left choosing K (not pinned), to see
   what its drafting steps and probes add to a cell where it ends up not drafting;
-* ``pard@K``: PARD drafting a fixed K every step (no controller), to time what a
+* ``pard@K`` (or any spec_bench method at a fixed K: ``pard_nolookup@K``,
+  ``ngram@K``): drafting a fixed K every step (no controller), to time what a
   drafting step costs by part (with ``--breakdown``: the proposer's inputs, the
   draft's output layer and sampling, its forward, the rejection sampler), e.g.
   ``--batch-sizes 1 --num-prompts 4 --methods ar,pard@4 --breakdown``.
@@ -44,8 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import specbench_data  # noqa: E402
 import step_timers  # noqa: E402
-from specbench_common import environment  # noqa: E402
+from specbench_common import METHODS, environment, method_spec  # noqa: E402
 from specbench_offline import free_engine, make_engine, run_cell  # noqa: E402
+
+
+def fixed_k_method(method: str) -> bool:
+    """``pard@4``, ``pard_nolookup@8``, ``ngram@4``: a spec_bench method at its own K."""
+    name, _, k = method.partition("@")
+    return name in METHODS and name != "ar" and k.isdigit() and int(k) >= 1
 
 
 class _NoBar:
@@ -90,8 +97,9 @@ def main() -> None:
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args()
     for m in args.methods.split(","):
-        if m not in ("ar", "k0_forward", "k0_skip", "adaptive") and not (m.startswith("pard@") and m[5:].isdigit()):
-            ap.error(f"unknown method {m!r}: use ar, k0_forward, k0_skip, adaptive or pard@K (K a number, e.g. pard@4)")
+        if m not in ("ar", "k0_forward", "k0_skip", "adaptive") and not fixed_k_method(m):
+            ap.error(f"unknown method {m!r}: use ar, k0_forward, k0_skip, adaptive or a spec_bench method "
+                     "at a fixed K (e.g. pard@4, pard_nolookup@4, ngram@4)")
 
     from pard_vllm.prepare import prepare
 
@@ -106,8 +114,8 @@ def main() -> None:
     for method in [m for _ in range(args.passes) for m in args.methods.split(",")]:
         spec = None
         pin_k_to_zero(method != "adaptive")
-        if method.startswith("pard@"):
-            spec = {"method": "pard", "model": paths["draft"], "num_speculative_tokens": int(method[5:])}
+        if fixed_k_method(method):
+            spec = method_spec(method, paths["draft"], args.k)
         elif method != "ar":
             spec = {"method": "pard", "model": paths["draft"], "num_speculative_tokens": args.k,
                     "adaptive": "goodput", "idle_draft": "skip" if method == "adaptive" else method.removeprefix("k0_")}

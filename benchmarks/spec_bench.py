@@ -13,8 +13,9 @@ minutes earlier on the same machine, never against a number from elsewhere.
 Methods (``NAME@K`` runs one at its own K, e.g. ``vllm_parallel@2``; ``NAME@K:DIR``
 also with its own draft, e.g. ``pard@4:runs/pard-4l``): ar, vsd
 (vLLM draft_model: the draft drafts autoregressively), vllm_parallel
-(vLLM's native parallel drafting with the same draft), pard (this plugin), ngram
-(prompt lookup), suffix (only where arctic-inference is installed). Datasets:
+(vLLM's native parallel drafting with the same draft), pard (this plugin, with its
+prompt lookup), pard_nolookup (its draft alone), ngram (vLLM's prompt lookup), suffix
+(only where arctic-inference is installed). Datasets:
 humaneval, gsm8k, mtbench (first turns), plus ``--prompts-file`` JSONL. Explicit
 flags override the preset's values.
 
@@ -47,8 +48,8 @@ from specbench_common import DRAFTED_METHODS, METHODS, base_name, environment, m
 
 #: quick: the 15-minute smoke run on a 2-core CPU; full: the published matrix.
 PRESETS = {
-    "quick": dict(methods="ar,vsd,vllm_parallel,pard,pard_adaptive", datasets="humaneval", batch_sizes="1,4",
-                  temperatures="0", num_prompts=8, max_tokens=64),
+    "quick": dict(methods="ar,vsd,vllm_parallel,ngram,pard_nolookup,pard,pard_adaptive", datasets="humaneval",
+                  batch_sizes="1,4", temperatures="0", num_prompts=8, max_tokens=64),
     "full": dict(methods=",".join(METHODS), datasets="humaneval,gsm8k,mtbench",
                  batch_sizes="1,4,16", temperatures="0,0.7", num_prompts=32, max_tokens=256),
 }

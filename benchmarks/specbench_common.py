@@ -13,7 +13,7 @@ import importlib.util
 import os
 import platform
 
-METHODS = ("ar", "vsd", "vllm_parallel", "pard", "pard_fullhead", "pard_adaptive", "pard_adaptive_noguard",
+METHODS = ("ar", "vsd", "vllm_parallel", "pard", "pard_nolookup", "pard_fullhead", "pard_adaptive", "pard_adaptive_noguard",
            "pard_confidence", "ngram", "suffix")
 #: The methods that run a draft model (the rest need only the target).
 DRAFTED_METHODS = frozenset(METHODS) - {"ar", "ngram", "suffix"}
@@ -61,6 +61,8 @@ def method_spec(method: str, draft: str, k: int) -> dict | None:
                 "parallel_drafting": True}
     if method == "pard":
         return {"method": "pard", "model": draft, "num_speculative_tokens": k}
+    if method == "pard_nolookup":  # PARD's draft alone (no prompt lookup on top)
+        return {"method": "pard", "model": draft, "num_speculative_tokens": k, "prompt_lookup": False}
     if method == "pard_fullhead":  # pard with the draft's full output layer (no head_vocab)
         return {"method": "pard", "model": draft, "num_speculative_tokens": k, "head_vocab": 0}
     if method == "pard_adaptive":  # K chosen per step by measured goodput (pard_vllm.adaptive)

@@ -36,9 +36,41 @@ def counters(llm) -> dict:
     return out
 
 
+def _skip_llvmlite_in_kernel_rebind() -> None:
+    """Lets an in-process engine start after one with vLLM's ``ngram`` method.
+
+    vLLM 0.32 starts every worker by scanning each loaded module's attributes
+    for Triton kernels (``triton_utils.dispatcher._rebind_kernels``, reading
+    ``vars(value)`` of each); ``llvmlite.binding.ffi.lib`` forwards attribute
+    reads to a C function, so once the ngram proposer has imported numba, the
+    next engine in the process fails with "'_lib_fn_wrapper' object has no
+    attribute 'get'". The scan now runs with that module (which holds no
+    Triton kernel) out of ``sys.modules``. Benchmarks only: pard-vllm itself
+    does not import numba."""
+    import sys
+
+    from vllm.triton_utils import dispatcher
+
+    original = dispatcher._rebind_kernels
+    if getattr(original, "__skips_llvmlite__", False):
+        return
+
+    def rebind(overrides):
+        hidden = sys.modules.pop("llvmlite.binding.ffi", None)
+        try:
+            return original(overrides)
+        finally:
+            if hidden is not None:
+                sys.modules["llvmlite.binding.ffi"] = hidden
+
+    rebind.__skips_llvmlite__ = True
+    dispatcher._rebind_kernels = rebind
+
+
 def make_engine(target: str, spec: dict | None, args):
     from vllm import LLM
 
+    _skip_llvmlite_in_kernel_rebind()
     return LLM(target, speculative_config=spec, disable_log_stats=False, dtype=args.dtype,
                enforce_eager=not args.compile, **kv_cache_kwargs(), max_model_len=args.max_model_len, max_num_seqs=max(args.batch_sizes), seed=0)
 

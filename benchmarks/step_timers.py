@@ -30,6 +30,7 @@ TIMED = (
     ("pard_propose", "pard_vllm.proposer", "PardProposer", "propose"),
     ("draft_inputs", "pard_vllm.proposer", "PardProposer", "set_inputs_first_pass"),
     ("draft_head_sample", "pard_vllm.proposer", "PardProposer", "_sample_draft_tokens"),
+    ("prompt_lookup", "pard_vllm.proposer", "PardProposer", "_look_up"),
     ("update_from_output", "vllm.v1.core.sched.scheduler", "Scheduler", "update_from_output"),
     ("post_step", "vllm.v1.engine.core", "EngineCore", "post_step"),
 )
@@ -79,6 +80,7 @@ def per_step_ms() -> dict[str, float]:
     out["output_processing"] = out["llm_step"] - out["engine_step"] - out["post_step"]
     out["runner_outside_forward"] = out["execute_model"] - out["target_forward"]
     # What is left of the proposer: the draft's forward, mostly (its attention metadata and buffers too).
-    out["draft_forward_etc"] = out["pard_propose"] - out["draft_inputs"] - out["draft_head_sample"]
+    out["draft_forward_etc"] = (out["pard_propose"] - out["draft_inputs"] - out["draft_head_sample"]
+                                - out["prompt_lookup"])
     out["steps"] = calls.get("engine_step", 0)
     return out

@@ -141,12 +141,12 @@ TEXT_IDS_SOURCE = PROMPT + " banana, cherry, orange, grape, pear, plum, mango, k
 MAX_TV = 0.3
 
 
-def _samples(target, spec=None):
+def _samples(target, spec=None, prompt=PROMPT, n=NUM_SAMPLES):
     llm = LLM(target, speculative_config=spec, **ENGINE_KW)
     try:
         params = [SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=NUM_TOKENS)
-                  for i in range(NUM_SAMPLES)]
-        outs = llm.generate([PROMPT] * NUM_SAMPLES, params, use_tqdm=False)
+                  for i in range(n)]
+        outs = llm.generate([prompt] * n, params, use_tqdm=False)
         return [tuple(o.outputs[0].token_ids) for o in outs]
     finally:
         shutdown(llm)
@@ -210,14 +210,7 @@ def test_prompt_lookup_drafts_sample_like_plain_decoding(embedded, monkeypatch):
     from pard_vllm import prompt_lookup
 
     def samples(spec):
-        llm = LLM(embedded["target"], speculative_config=spec, **ENGINE_KW)
-        try:
-            params = [SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=NUM_TOKENS)
-                      for i in range(LOOKUP_SAMPLES)]
-            outs = llm.generate([REPEATING_PROMPT] * LOOKUP_SAMPLES, params, use_tqdm=False)
-            return [tuple(o.outputs[0].token_ids) for o in outs]
-        finally:
-            shutdown(llm)
+        return _samples(embedded["target"], spec, REPEATING_PROMPT, LOOKUP_SAMPLES)
 
     plain = samples(None)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the drafter in this process, to count

@@ -88,14 +88,32 @@ def with_prompt_lookup(guesses: torch.Tensor, tokens: torch.Tensor, start: int, 
     return out
 
 
+def ngram_table(tokens: torch.Tensor, k: int, start: int, min_n: int, max_n: int) -> torch.Tensor:
+    """The guess table of vLLM's own ``ngram`` method alone (-1: no match, no drafts),
+    for comparison. Imports numba (through vLLM's matcher): keep it out of a
+    process that will start engines afterwards (see benchmarks/specbench_offline.py)."""
+    from vllm.v1.spec_decode.ngram_proposer import _find_longest_matched_ngram_and_propose_tokens as match
+
+    context = tokens.numpy().astype("int32")
+    out = torch.full((tokens.numel(), k), -1, dtype=torch.long)
+    for a in range(start, tokens.numel()):
+        found = match(context[: a + 1], min_n, max_n, 1 << 30, k)
+        out[a, :len(found)] = torch.from_numpy(found.astype("int64"))
+    return out
+
+
 def offline_tau(model, docs: list, k: int = 8, mask_token: int = 16, max_new: int = 128,
-                head_ids: torch.Tensor | None = None, lookup=None) -> dict:
+                head_ids: torch.Tensor | None = None, lookup=None, ngram: tuple[int, int] | None = None) -> dict:
     """Pooled tau over documents (``data.Doc``: prompt + answer), as vLLM pools its
-    counters; with ``lookup`` (a ``PromptLookup``) as the default serving config drafts."""
+    counters; with ``lookup`` (a ``PromptLookup``) as the default serving config drafts;
+    with ``ngram`` (min, max) vLLM's n-gram method alone instead of the draft."""
     drafts, per_pos = 0, [0] * k
     for d in docs:
         last = min(d.tokens.numel() - 1, d.loss_from + max_new)
-        g = draft_guesses(model, d.tokens[: last + 1], k, mask_token, head_ids)
+        if ngram is not None:
+            g = ngram_table(d.tokens[: last + 1], k, d.loss_from, *ngram)
+        else:
+            g = draft_guesses(model, d.tokens[: last + 1], k, mask_token, head_ids)
         if lookup is not None:
             g = with_prompt_lookup(g, d.tokens[: last + 1], d.loss_from, lookup)
         r = replay(g, d.tokens[: last + 1], d.loss_from, max_new)
@@ -151,17 +169,22 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-lookup", type=int, default=0, metavar="MAX_N",
                     help="replay the serving default's prompt lookup with this prompt_lookup_max "
                          "(e.g. 8; 0 = the draft alone)")
+    ap.add_argument("--ngram", metavar="MIN,MAX", help="instead of the draft: vLLM's ngram method with "
+                    "these prompt_lookup_min/max (e.g. 1,4), for comparison")
     ap.add_argument("--json-out")
     args = ap.parse_args(argv)
+    ngram = tuple(int(x) for x in args.ngram.split(",")) if args.ngram else None
+    if ngram is not None and (len(ngram) != 2 or not 1 <= ngram[0] <= ngram[1]):
+        ap.error("--ngram takes MIN,MAX with 1 <= MIN <= MAX, e.g. 1,4")
     model, mask, ids = load_for_eval(args.draft, args.head_vocab)
     lookup = None
     if args.prompt_lookup:
         from pard_vllm.prompt_lookup import PromptLookup
 
         lookup = PromptLookup(args.prompt_lookup)
-    res = offline_tau(model, heldout_docs(args.data, args.n), args.k, mask, args.max_tokens, ids, lookup)
+    res = offline_tau(model, heldout_docs(args.data, args.n), args.k, mask, args.max_tokens, ids, lookup, ngram)
     res.update(draft=args.draft, data=args.data, head_vocab=args.head_vocab if ids is not None else "full",
-               prompt_lookup=args.prompt_lookup)
+               prompt_lookup=args.prompt_lookup, ngram=args.ngram)
     print(json.dumps(res))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(res, indent=1) + "\n")
