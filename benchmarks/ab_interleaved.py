@@ -59,7 +59,9 @@ class PinnedK:
 
     def observe_step(self, *args, **kwargs) -> None: pass
     def observe_request(self, *args, **kwargs) -> None: pass
-    def cut_threshold(self, batch_size: int, k: int) -> float: return 0.0
+    # No threshold: the drafter then treats K as a fixed K (the prompt lookup's
+    # continuations capped at K, none at K = 0), so ``0`` stays plain decoding.
+    def cut_threshold(self, batch_size: int, k: int) -> None: return None
     def summary(self) -> str: return f"pinned K={self.k}"
 
 

@@ -33,6 +33,12 @@ b = 5 ms per token, p = (0.5, 0.25, 0.1, ...). At B = 1, K = 0 gives
 K = 0 gives 16 / 120 ms = 133 tok/s, K = 1 gives 24 / 200 ms = 120 tok/s, so
 the controller stops speculating.
 
+K prices PARD's drafts only. The prompt lookup's drafts (``pard_vllm.prompt_lookup``)
+are reported apart (``observe_request(looked_up=True)``) and sent at any K, K = 0
+included, as far as their own measured acceptance pays (``LookupCut``, with the
+threshold below): they cost no draft forward, so whether PARD's forward pays is a
+question about PARD's acceptance alone.
+
 The per-request policy (``pard_vllm.confidence_cut``) truncates one request's
 draft where the draft's own, calibrated, confidence says the next token is not
 worth verifying: a token whose prefix is accepted with probability q adds q
@@ -228,6 +234,7 @@ class GoodputController:
         self.calibrate = 2 * len(self.calibration_ks(1)) if calibrate is None else calibrate
         self.steps = 0
         self.acceptance = acceptance or AcceptanceTracker(max_k)
+        self.lookup_acceptance = AcceptanceTracker(max_k)  # the prompt lookup's drafts, for the log
         self.cost = cost or StepCostModel()
         self.residual = residual or CostResidual()
         self.measured = measured or MeasuredGoodput()
@@ -369,6 +376,7 @@ class GoodputController:
         fixed, per_token, per_draft, drafting, verifying, per_prompt = (c * 1e3 for c in self.cost.coefficients())
         p = ", ".join(f"{x:.2f}" for x in self.acceptance.prefix_accept())
         kept = ", ".join(f"{x:.2f}" for x in self.acceptance.keep_rate())
+        looked = ", ".join(f"{x:.2f}" for x in self.lookup_acceptance.prefix_accept())
         ratios = ", ".join(f"K={k} B~{2 ** (b - 1)}: {self.residual.ratio(2 ** (b - 1), k, self.cost.coefficients()):.2f}"
                            for k, b in sorted(self.residual.cells))
         return (f"K chosen {dict(sorted(self.history.items()))} by {dict(sorted(self.reasons.items()))}; "
@@ -376,7 +384,8 @@ class GoodputController:
                 f"{per_token:.2f} ms/verified token + {per_draft:.2f} ms/drafted token + "
                 f"{drafting:.1f} ms when drafting + {verifying:.1f} ms when verifying drafts + "
                 f"{per_prompt:.2f} ms/prefilled token; "
-                f"prefix acceptance [{p}]; kept after the cut [{kept}]; measured/fitted step time [{ratios}]; "
+                f"prefix acceptance [{p}]; kept after the cut [{kept}]; looked-up drafts' prefix acceptance "
+                f"[{looked}]; measured/fitted step time [{ratios}]; "
                 f"measured speculating/plain tok/s [{self._measured_summary()}]")
 
     def _measured_summary(self) -> str:
@@ -385,8 +394,16 @@ class GoodputController:
         return ", ".join(f"B~{b}: {r:.2f}" for b, r in ratios if r is not None)
 
     # What the scheduler reports back.
-    def observe_request(self, num_drafted: int, num_accepted: int, width: int | None = None) -> None:
-        self.acceptance.observe(num_drafted, num_accepted, width)
+    def observe_request(self, num_drafted: int, num_accepted: int, width: int | None = None,
+                        looked_up: bool = False) -> None:
+        """One request's verified drafts. Drafts the prompt lookup supplied
+        (``looked_up``) count for the step's measured tokens but not for PARD's
+        acceptance: they are there whatever K is (even at K = 0), so crediting
+        them to PARD's drafts would overprice K > 0."""
+        if looked_up:
+            self.lookup_acceptance.observe(num_drafted, num_accepted)
+        else:
+            self.acceptance.observe(num_drafted, num_accepted, width)
         self._accepted += num_accepted
 
     def observe_step(self, batch_size: int, tokens: int, k: int, seconds: float,

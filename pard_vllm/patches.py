@@ -26,6 +26,8 @@ logger = init_logger("vllm.pard_vllm." + __name__.rsplit(".", 1)[-1])
 #: plain instance attribute, so it travels with the config when vLLM pickles
 #: it to the engine-core and worker processes.
 OPTIONS_ATTR = "pard_options"
+#: Attribute we attach to vLLM's DraftTokenIds: the requests whose drafts were looked up.
+LOOKED_UP_ATTR = "pard_looked_up"
 
 
 def _wrap_once(owner: Any, name: str, make_wrapper) -> None:
@@ -335,7 +337,8 @@ class AdaptiveKPatch:
     rejection sampler's results) and the wall time between scheduling steps
     against the tokens scheduled (the real cost of a step on this hardware).
     Each scheduler output also carries the controller's cut threshold for the
-    drafter (``pard_vllm.confidence_cut``; read by ``DraftStepPatch``).
+    drafter (``pard_vllm.confidence_cut``, ``pard_vllm.prompt_lookup.LookupCut``;
+    read by ``DraftStepPatch``).
     """
 
     @staticmethod
@@ -351,7 +354,7 @@ class AdaptiveKPatch:
                 self._pard_controller = None
                 self._pard_last_step = None
                 self._pard_k = (0, 0)  # K of the previous and of this step
-                self._pard_auto_cut = False
+                self._pard_looked_up = frozenset()  # requests whose last drafts were looked up
                 spec = vllm_config.speculative_config
                 options = getattr(spec, OPTIONS_ATTR, None) if spec is not None else None
                 if options is None or options.adaptive != "goodput" or self.dynamic_sd_lookup is None:
@@ -363,7 +366,6 @@ class AdaptiveKPatch:
                     explore=options.adaptive_explore, margin=options.adaptive_margin,
                     guard=options.adaptive_guard)
                 self.dynamic_sd_lookup = self._pard_controller
-                self._pard_auto_cut = options.confidence_threshold == "auto"
                 self._pard_log_steps = step_count_from_env("PARD_VLLM_ADAPTIVE_LOG_STEPS")
                 logger.info("pard-vllm: goodput-adaptive K in [%d, %d]",
                             options.min_speculative_tokens, self.num_spec_tokens)
@@ -388,8 +390,9 @@ class AdaptiveKPatch:
                 step = (batch, decode, output.num_spec_tokens_to_schedule,
                         bool(output.scheduled_spec_decode_tokens), tokens - decode)
                 self._pard_k = (self._pard_k[1], step[2])
-                if self._pard_auto_cut:  # what a draft must be worth to be verified this step
-                    setattr(output, THRESHOLD_ATTR, controller.cut_threshold(step[0], step[2]))
+                # What a draft must be worth to be verified this step: for the
+                # confidence cut and the prompt lookup's (pard_vllm.prompt_lookup.LookupCut).
+                setattr(output, THRESHOLD_ATTR, controller.cut_threshold(step[0], step[2]))
                 self._pard_last_step = (now, step) if tokens else None
                 if sum(controller.history.values()) >= self._pard_log_steps:
                     logger.info("pard-vllm adaptive: %s", controller.summary())
@@ -407,9 +410,12 @@ class AdaptiveKPatch:
                 if controller is not None and num_draft_tokens:
                     # The drafts verified now were drafted at the previous step's K;
                     # fewer arrived when the drafter cut them (or vLLM trimmed them).
+                    # Looked-up drafts are not PARD's: priced apart (DraftSourcePatch).
                     width = self._pard_k[0]
+                    req_id = kwargs.get("request_id", args[1] if len(args) > 1 else None)
                     controller.observe_request(num_draft_tokens, num_accepted_tokens,
-                                               width if width >= num_draft_tokens else None)
+                                               width if width >= num_draft_tokens else None,
+                                               looked_up=req_id in self._pard_looked_up)
                 return original(self, spec_decoding_stats, num_draft_tokens,
                                 num_accepted_tokens, *args, **kwargs)
 
@@ -425,8 +431,9 @@ class DraftStepPatch:
 
     Why, three times over:
 
-    * With ``"confidence_threshold": "auto"`` the drafter cuts each request's
-      drafts at a threshold the scheduler's controller computes every step, and
+    * Under the adaptive controller the drafter cuts drafts (PARD's with
+      ``"confidence_threshold": "auto"``, the prompt lookup's always) at a
+      threshold the scheduler's controller computes every step, and
       the scheduler may be in another process (vLLM's CPU build always runs the
       worker in its own). The scheduler output is what crosses over each step,
       so the threshold rides on it and is handed to the drafter here.
@@ -436,7 +443,7 @@ class DraftStepPatch:
       the draft's inputs (next tokens per request, positions, metadata): about
       1 ms per step at batch 16-64 on this CPU (``benchmarks/k0_overhead.py
       --breakdown``), 1% of a plain step. Such steps go straight to
-      ``PardProposer.idle_step``.
+      ``PardProposer.idle_step`` (which may still send the prompt lookup's drafts).
     * The prompt lookup (``pard_vllm.prompt_lookup``) needs this step's sampled
       tokens, which vLLM appends to its host token table only after drafting;
       they are handed to the drafter here.
@@ -456,7 +463,7 @@ class DraftStepPatch:
                 drafter = getattr(self, "drafter", None)
                 if hasattr(drafter, "cut_threshold"):
                     drafter.cut_threshold = getattr(scheduler_output, THRESHOLD_ATTR, None)
-                if hasattr(drafter, "sampled_token_ids"):  # for the prompt lookup, before bookkeeping
+                if getattr(drafter, "_lookup", None) is not None:  # for the prompt lookup, before bookkeeping
                     drafter.sampled_token_ids = signature.bind(
                         self, scheduler_output, *args, **kwargs).arguments["sampled_token_ids"]
                 if (getattr(drafter, "skip_idle_draft", False)
@@ -473,6 +480,48 @@ class DraftStepPatch:
             return propose_draft_token_ids
 
         _wrap_once(GPUModelRunner, "propose_draft_token_ids", make)
+
+
+class DraftSourcePatch:
+    """Wraps ``GPUModelRunner.take_draft_token_ids`` and ``Scheduler.update_draft_token_ids``.
+
+    Why: the adaptive controller (scheduler) learns PARD's acceptance per draft
+    position to choose K, and the prompt lookup's drafts, accepted far more
+    often where a request repeats itself, would make PARD look better than it
+    is: at batch 16 that made the controller draft where plain decoding was
+    faster. The drafter knows which requests' drafts it looked up; the list
+    rides back on vLLM's ``DraftTokenIds`` (a plain dataclass, pickled whole
+    between the worker and the scheduler, so an extra attribute travels) and
+    the scheduler keeps it until those drafts are verified, one step later.
+    """
+
+    @staticmethod
+    def apply() -> None:
+        from vllm.v1.core.sched.scheduler import Scheduler
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        def make_take(original):
+            @functools.wraps(original)
+            def take_draft_token_ids(self, *args, **kwargs):
+                drafts = original(self, *args, **kwargs)
+                looked_up = getattr(getattr(self, "drafter", None), "looked_up_req_ids", None)
+                if drafts is not None and looked_up:
+                    setattr(drafts, LOOKED_UP_ATTR, list(looked_up))
+                return drafts
+
+            return take_draft_token_ids
+
+        def make_update(original):
+            @functools.wraps(original)
+            def update_draft_token_ids(self, draft_token_ids, *args, **kwargs):
+                if hasattr(self, "_pard_looked_up"):
+                    self._pard_looked_up = frozenset(getattr(draft_token_ids, LOOKED_UP_ATTR, ()))
+                return original(self, draft_token_ids, *args, **kwargs)
+
+            return update_draft_token_ids
+
+        _wrap_once(GPUModelRunner, "take_draft_token_ids", make_take)
+        _wrap_once(Scheduler, "update_draft_token_ids", make_update)
 
 
 class DraftLengthMetricsPatch:
@@ -532,7 +581,7 @@ class DraftLengthMetricsPatch:
 
 ALL_PATCHES = (CpuReservedCoreDefault, SpeculativeConfigPatch, DrafterPatch, SpeculativeConfigArgPatch,
                CpuExpandBatchToTokensPatch, CpuSeededChunkedPrefillPatch, ZeroDraftSamplePatch,
-               AdaptiveKPatch, DraftStepPatch, DraftLengthMetricsPatch)
+               AdaptiveKPatch, DraftStepPatch, DraftSourcePatch, DraftLengthMetricsPatch)
 
 
 def apply() -> None:

@@ -24,9 +24,19 @@ with the target's own probability, as it does for vLLM's n-gram drafts), except
 the first token of a 1-token match: it is PARD's own sample, so it keeps PARD's
 probability (``one_hot_rows``).
 
+Under the adaptive controller (``"adaptive": "goodput"``) the lookup is priced
+apart from PARD's draft: the controller's K caps PARD's drafts, not a
+continuation (up to the configured K; with sampled drafts, this step's K, the
+width of their probability tensor); ``LookupCut`` sends each continuation as far
+as its measured acceptance beats what a verified token costs at this step; a
+K = 0 step ("PARD does not pay here") still sends the continuations of 2+ token
+matches, with no draft forward; and the scheduler is told which requests'
+drafts were looked up (``patches.DraftSourcePatch``), so they do not count as
+PARD's acceptance when it chooses K.
+
 Measured offline (greedy replay of the target's own answers, the shipped draft,
 K = 8, 40 prompts per set, 64 new tokens; ``training/offline_tau.py``'s walk):
-tau HumanEval 1.68 -> 2.87, GSM8K 1.59 -> 2.26, MT-Bench 1.38 -> 1.63. vLLM's
+tau HumanEval 1.68 -> 2.86, GSM8K 1.59 -> 2.26, MT-Bench 1.38 -> 1.63. vLLM's
 n-gram method alone (min 1, max 4) reaches 2.02 / 1.66 / 1.28 there.
 
 Worked example, K = 4, request tokens ``... def add ( a , b ) : ... add ( a``
@@ -45,13 +55,24 @@ writes placeholders into that table, so the lookup needs sync scheduling.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
+from pard_vllm.adaptive import AcceptanceTracker
+
 #: A match this long or longer is used whatever PARD drafted.
 MIN_TRUSTED_MATCH = 2
+
+
+class Match(NamedTuple):
+    """A request's suffix match: its length ``m`` (0 = none), where the earliest
+    occurrence of the last m tokens ends (``end``) and that of the last token
+    alone (``single``); -1 where there is none."""
+    m: int
+    end: int
+    single: int
 
 
 def request_context(token_row: np.ndarray, num_committed: int, sampled: Sequence[int]) -> np.ndarray:
@@ -95,45 +116,104 @@ class PromptLookup:
             raise ValueError(f"prompt_lookup_max must be >= {MIN_TRUSTED_MATCH}")
         self.max_n = max_n
 
-    def trusted(self, context: np.ndarray, k: int) -> list[int]:
+    def match(self, context: np.ndarray) -> Match:
+        """Where the request's last tokens occurred before (``suffix_matches``),
+        kept per request for the step: the proposer asks twice (before PARD's
+        forward, to see whether it can be skipped, and after it)."""
+        m, longest, singles = suffix_matches(context, self.max_n)
+        return Match(m, int(longest[0]) if m else -1, int(singles[0]) if singles.size else -1)
+
+    def trusted(self, context: np.ndarray, k: int, match: Match | None = None) -> list[int]:
         """The continuation of a match of >= MIN_TRUSTED_MATCH tokens ([] = none):
         used whatever PARD drafts, so when every request has one the proposer
         skips the draft forward."""
-        m, longest, _ = suffix_matches(context, self.max_n)
-        return self._after(context, longest, k) if m >= MIN_TRUSTED_MATCH else []
+        match = self.match(context) if match is None else match
+        return self._after(context, match.end, k) if match.m >= MIN_TRUSTED_MATCH else []
 
     @staticmethod
-    def _after(context: np.ndarray, ends: np.ndarray, k: int) -> list[int]:
-        j = int(ends[0])  # the earliest occurrence, as vLLM's n-gram proposer picks
-        return context[j + 1: j + 1 + k].tolist()
+    def _after(context: np.ndarray, end: int, k: int) -> list[int]:
+        # the earliest occurrence, as vLLM's n-gram proposer picks
+        return context[end + 1: end + 1 + k].tolist()
 
-    def continuation(self, context: np.ndarray, k: int, pard_first: int) -> list[int]:
-        """The looked-up drafts for one request ([] = keep PARD's)."""
-        return self._lookup(context, k, pard_first)[0]
+    def continuation(self, context: np.ndarray, k: int, pard_first: int, match: Match | None = None) -> list[int]:
+        """The looked-up drafts for one request ([] = keep PARD's): a trusted
+        match's continuation, else a 1-token match's when it starts with PARD's
+        first draft."""
+        match = self.match(context) if match is None else match
+        if match.m >= MIN_TRUSTED_MATCH:
+            return self._after(context, match.end, k)
+        if match.m == 1 and int(context[match.single + 1]) == pard_first:
+            return self._after(context, match.single, k)
+        return []
 
-    def _lookup(self, context: np.ndarray, k: int, pard_first: int) -> tuple[list[int], bool]:
-        """(drafts, whether they are trusted: chosen without looking at PARD's)."""
-        m, longest, singles = suffix_matches(context, self.max_n)
-        if m >= MIN_TRUSTED_MATCH:
-            return self._after(context, longest, k), True
-        if m == 1 and int(context[int(singles[0]) + 1]) == pard_first:
-            return self._after(context, singles, k), False
-        return [], False
+    def continuations(self, contexts: Sequence[np.ndarray], pard_first: Sequence[int],
+                      matches: Sequence[Match] | None = None, width: int = 8) -> tuple[list[list[int]], list[int]]:
+        """Each request's looked-up continuation, up to ``width`` tokens ([] =
+        keep PARD's drafts; ``pard_first``: PARD's first draft per request).
+        Also, per request, the first looked-up position whose draft
+        distribution is a point mass (``one_hot_rows``): 0 for a trusted match;
+        1 for a 1-token match, whose first token is PARD's own draw."""
+        matches = [self.match(c) for c in contexts] if matches is None else matches
+        found = [self.continuation(c, width, first, match) for c, first, match in zip(contexts, pard_first, matches)]
+        return found, [0 if match.m >= MIN_TRUSTED_MATCH else 1 for match in matches]
 
-    def apply(self, drafts: torch.Tensor, contexts: Sequence[np.ndarray]) -> tuple[list[int], list[int]]:
-        """In place on ``drafts`` [batch, K] (PARD's): each request's looked-up
-        prefix. Returns per request how many leading drafts were looked up
-        (0 = none) and the first of them whose draft distribution is a point
-        mass: 0 for a trusted match; 1 for a 1-token match, whose first token
-        is PARD's own draw (so its probability stays PARD's)."""
-        k = drafts.shape[1]
-        looked, point_from = [0] * drafts.shape[0], [0] * drafts.shape[0]
-        for i, (first, context) in enumerate(zip(drafts[:, 0].tolist(), contexts)):
-            found, trusted = self._lookup(context, k, first)
-            if found:
-                drafts[i, :len(found)] = torch.tensor(found, dtype=drafts.dtype)
-                looked[i], point_from[i] = len(found), 0 if trusted else 1
-        return looked, point_from
+
+class LookupCut:
+    """How much of a looked-up continuation to send, under the adaptive
+    controller: the drafter's twin of ``confidence_cut.ConfidenceCut`` for
+    drafts that are not the draft model's.
+
+    A looked-up token is verified by the target like any draft, so it pays
+    while its chance of being accepted (every earlier draft of the request
+    accepted too) beats the controller's threshold (what a verified token costs
+    at this step: ``GoodputController.cut_threshold``). That chance is measured
+    online per match length (1, 2, 3, 4+ tokens: a longer match repeats
+    more) and per position (``adaptive.AcceptanceTracker``); a ledger of what
+    was sent is settled one step later with vLLM's rejected counts.
+
+    Worked example: nothing measured yet, so position i of any match is
+    accepted with the tracker's prior 0.7, 0.49, 0.34, 0.24, 0.17, ... At
+    batch 16 on the 2-core CPU here a verified token costs about 1.5 ms and
+    plain decoding makes ~145 tokens/s, a threshold of ~0.22: the first 4
+    tokens of a continuation are sent. At batch 1 (threshold ~0.02) all of
+    them are.
+    """
+
+    #: Match lengths pooled from here on.
+    LONGEST_BUCKET = 4
+
+    def __init__(self, max_k: int):
+        self.trackers = [AcceptanceTracker(max_k, prior=0.7) for _ in range(self.LONGEST_BUCKET)]
+        self.step = 0
+        self._sent: dict[str, tuple[int, int]] = {}  # req_id -> (step, match length)
+
+    def bucket(self, m: int) -> AcceptanceTracker:
+        return self.trackers[min(max(m, 1), self.LONGEST_BUCKET) - 1]
+
+    def begin_step(self, req_ids: Sequence[str], verified: Sequence[int] | None,
+                   rejected: Sequence[int] | None) -> None:
+        """Once per drafter step, before drafting: what the target did with the
+        looked-up drafts sent last step (``verified[i]`` checked, ``rejected[i]``
+        of them rejected)."""
+        self.step += 1
+        if verified is not None and rejected is not None:
+            for req_id, n, bad in zip(req_ids, verified, rejected):
+                entry = self._sent.pop(req_id, None)
+                if entry is not None and entry[0] == self.step - 1 and n > 0:
+                    self.bucket(entry[1]).observe(n, n - bad)
+        if len(self._sent) > 4096:  # requests that finished with drafts in flight
+            self._sent = {r: e for r, e in self._sent.items() if e[0] >= self.step - 1}
+
+    def length(self, m: int, available: int, threshold: float) -> int:
+        """How many of ``available`` looked-up tokens of an m-token match to send."""
+        prefix = self.bucket(m).prefix_accept()
+        n = 0
+        while n < available and prefix[n] >= threshold:
+            n += 1
+        return n
+
+    def sent(self, req_id: str, m: int) -> None:
+        self._sent[req_id] = (self.step, m)
 
 
 def one_hot_rows(probs: torch.Tensor, drafts: torch.Tensor, looked: Sequence[int],

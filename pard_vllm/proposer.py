@@ -31,7 +31,7 @@ from pard_vllm.config import PardOptions
 from pard_vllm.draft_batch import build_draft_batch
 from pard_vllm.draft_catchup import DraftLag, cap_lags, prepend_catchup
 from pard_vllm.head_vocab import SubsetHead
-from pard_vllm.prompt_lookup import PromptLookup, one_hot_rows, request_context
+from pard_vllm.prompt_lookup import LookupCut, PromptLookup, one_hot_rows, request_context
 
 # Under the "vllm" logger so vLLM's handlers and VLLM_LOGGING_LEVEL apply.
 logger = init_logger("vllm.pard_vllm." + __name__.rsplit(".", 1)[-1])
@@ -81,7 +81,11 @@ class PardProposer(DraftModelProposer):
                                "(start with --no-async-scheduling to use it)")
             else:
                 self._lookup = PromptLookup(options.prompt_lookup_max)
+        # The configured K: vLLM overwrites num_speculative_tokens with each step's.
+        self._max_k = self.num_speculative_tokens
+        self._lookup_cut = LookupCut(self._max_k) if self._lookup is not None else None
         self.sampled_token_ids = None  # this step's sampled tokens, set by patches.DraftStepPatch
+        self.looked_up_req_ids: list[str] = []  # this step's looked-up rows (patches.DraftSourcePatch)
         logger.info("PARD: %d draft tokens per forward, mask token %d, %s drafts",
                     self.num_speculative_tokens, self.parallel_drafting_token_id,
                     self.speculative_config.draft_sample_method)
@@ -198,55 +202,83 @@ class PardProposer(DraftModelProposer):
         are cut where the running product of the draft's own probabilities
         drops below it, or with "auto" where the calibrated estimate drops
         below the controller's threshold (``pard_vllm.confidence_cut``);
-        ragged lists, which vLLM's sync scheduler accepts.
-        A step with K = 0 runs no draft forward (``idle_draft: "skip"``), nor
-        does one where the prompt lookup found every request's continuation
-        (``pard_vllm.prompt_lookup``)."""
+        ragged lists, which vLLM's sync scheduler accepts. The prompt lookup
+        (``pard_vllm.prompt_lookup``) replaces a request's drafts where its
+        text repeats. A step with K = 0 runs no draft forward (``idle_draft:
+        "skip"``), nor does one where the lookup found every request's
+        continuation."""
         self._heap.step()
         call = _PROPOSE_SIGNATURE.bind(self, *args, **kwargs).arguments
-        if self._cut is not None:
-            self._settle_cut(call)
-        k = call["num_speculative_tokens"]
+        self._settle(call)
+        k, cad = call["num_speculative_tokens"], call["common_attn_metadata"]
+        contexts = self._lookup_contexts(cad.batch_size())
         if k == 0 and self.skip_idle_draft:
-            return self._skip(call["target_positions"], call["common_attn_metadata"])
-        contexts = self._lookup_contexts(call["common_attn_metadata"].batch_size()) if k else None
-        if contexts is not None and self.skip_idle_draft:
-            found = [self._lookup.trusted(context, k) for context in contexts]
+            return self._lookup_only(call["target_positions"], cad, contexts)
+        matches = [self._lookup.match(c) for c in contexts] if contexts is not None else None
+        if matches is not None and k and self.skip_idle_draft:
+            width = self._lookup_width(k, sampled=False)
+            found = self._cut_lookup([self._lookup.trusted(c, width, m) for c, m in zip(contexts, matches)],
+                                     matches)
             if all(found):  # PARD's drafts would all be replaced: no draft forward
-                self._skip(call["target_positions"], call["common_attn_metadata"])
-                return found
+                self._skip(call["target_positions"], cad)
+                return self._send_lookups(found, matches)
         drafts = super().propose(*args, **kwargs)
         if drafts.shape[1] == 0:
-            return drafts
-        looked = self._look_up(drafts, contexts) if contexts is not None else None
+            return self._lookup_only(None, cad, contexts) if contexts is not None else drafts
+        found = self._look_up(drafts, contexts, matches) if contexts is not None else None
         if self._confidence is None:
-            if not looked or not any(looked):
+            if not found or not any(found):
                 return drafts
-            lengths = [m or drafts.shape[1] for m in looked]
+            lengths = [drafts.shape[1]] * drafts.shape[0]
         else:
             confidence = self._confidence.view(-1, drafts.shape[1])
             self._confidence = None
+            fixed = [len(row) for row in found] if found is not None else None
             if self._cut is not None:
-                if self.cut_threshold is None:
-                    if not self._warned_no_cut:
-                        logger.warning("PARD: no cut threshold from the scheduler (is adaptive \"goodput\" "
-                                       "on?); drafting without the confidence cut")
-                        self._warned_no_cut = True
-                    threshold = 0.0
-                else:
-                    threshold = self.cut_threshold
-                lengths = self._cut.lengths(self._req_ids(drafts.shape[0]), confidence, threshold,
-                                            fixed=looked)
+                # No threshold from the scheduler (vLLM turned variable K off, e.g.
+                # data parallel): every draft is sent and still calibrated on.
+                if self.cut_threshold is None and not self._warned_no_cut:
+                    logger.warning("PARD: no cut threshold from the scheduler (is adaptive \"goodput\" "
+                                   "on?); drafting without the confidence cut")
+                    self._warned_no_cut = True
+                lengths = self._cut.lengths(self._req_ids(drafts.shape[0]), confidence,
+                                            self.cut_threshold or 0.0, fixed=fixed)
             else:
                 lengths = lengths_from_confidence(confidence, self.confidence_threshold).tolist()
-                if looked is not None:
-                    lengths = [m or n for n, m in zip(lengths, looked)]
         rows = drafts.tolist()
-        return [row[:n] for row, n in zip(rows, lengths)]
+        if found is None:
+            return [row[:n] for row, n in zip(rows, lengths)]
+        return [looked or row[:n] for row, n, looked in zip(rows, lengths, found)]
+
+    def _lookup_width(self, k: int, sampled: bool) -> int:
+        """How far a looked-up continuation may reach: the controller's K caps
+        PARD's drafts, whose tail is seldom accepted, not the lookup's, which
+        the lookup cut prices on its own (adaptive only). Sampled drafts stay
+        within K: their probabilities come as a [batch, K, vocab] tensor."""
+        return self._max_k if self.cut_threshold is not None and not sampled else k
+
+    def _cut_lookup(self, found: list[list[int]], matches: list) -> list[list[int]]:
+        """Each looked-up continuation as far as it pays (``LookupCut``; only
+        under the adaptive controller, which sends the threshold)."""
+        if self.cut_threshold is None:
+            return found
+        return [row[:self._lookup_cut.length(match.m, len(row), self.cut_threshold)] if row else row
+                for row, match in zip(found, matches)]
+
+    def _send_lookups(self, found: list[list[int]], matches: list) -> list[list[int]]:
+        """Book the looked-up rows: the lookup cut settles them next step, and
+        the scheduler's controller keeps them out of PARD's acceptance."""
+        req_ids = self._req_ids(len(found))
+        self.looked_up_req_ids = [r for r, row in zip(req_ids, found) if row]
+        for req_id, row, match in zip(req_ids, found, matches):
+            if row:
+                self._lookup_cut.sent(req_id, match.m)
+        return found
 
     def _lookup_contexts(self, batch_size: int) -> list | None:
         """Each request's tokens after this step, for the prompt lookup (None: no lookup)."""
         sampled, self.sampled_token_ids = self.sampled_token_ids, None
+        self.looked_up_req_ids = []
         if self._lookup is None or sampled is None:
             return None
         table = self.runner.input_batch
@@ -254,23 +286,48 @@ class PardProposer(DraftModelProposer):
         return [request_context(table.token_ids_cpu[i], int(table.num_tokens_no_spec[i]), sampled[i])
                 for i in range(batch_size)]
 
-    def _look_up(self, drafts: torch.Tensor, contexts: list) -> list[int]:
-        """In place: looked-up prefixes over PARD's drafts; how many per request
-        (a looked-up request sends only those: PARD's tail after them is not
-        about the looked-up tokens)."""
-        looked, point_from = self._lookup.apply(drafts, contexts)
-        if self._last_draft_probs is not None and any(looked):
-            one_hot_rows(self._last_draft_probs, drafts, looked, point_from)
-        return looked
+    def _look_up(self, drafts: torch.Tensor, contexts: list, matches: list) -> list[list[int]]:
+        """Each request's looked-up continuation over PARD's drafts ([] = PARD's
+        stay); a looked-up request sends only those (PARD's tail after them is
+        not about the looked-up tokens). With sampled drafts their first K
+        replace PARD's in place and their draft probabilities become point masses."""
+        probs = self._last_draft_probs
+        found, point_from = self._lookup.continuations(
+            contexts, drafts[:, 0].tolist(), matches, self._lookup_width(drafts.shape[1], probs is not None))
+        found = self._send_lookups(self._cut_lookup(found, matches), matches)
+        if probs is not None and any(found):
+            for i, row in enumerate(found):
+                if row:
+                    drafts[i, :len(row)] = torch.tensor(row, dtype=drafts.dtype)
+            one_hot_rows(probs, drafts, [len(row) for row in found], point_from)
+        return found
+
+    def _lookup_only(self, target_positions, cad, contexts: list | None):
+        """A K = 0 step: no draft forward, but a request whose last 2+ tokens
+        occurred before still sends the continuation, as far as the lookup cut
+        says it pays (under the adaptive controller; a hand-written K = 0 means
+        no drafts). ``target_positions`` None: the draft forward already ran."""
+        empty = self._skip(target_positions, cad) if target_positions is not None else None
+        if empty is None:
+            empty = torch.empty(cad.batch_size(), 0, dtype=torch.int64, device=self.device)
+        if contexts is None or self.cut_threshold is None:
+            return empty
+        matches = [self._lookup.match(c) for c in contexts]
+        found = self._cut_lookup([self._lookup.trusted(c, self._max_k, m) for c, m in zip(contexts, matches)],
+                                 matches)
+        if not any(found):
+            return empty
+        self._last_draft_probs = None  # point masses: vLLM's rejection sampler treats drafts without probabilities so
+        return self._send_lookups(found, matches)
 
     def idle_step(self, target_positions: torch.Tensor, cad) -> torch.Tensor:
         """A K = 0 step that verified no drafts, entered from the runner before
         vLLM builds the draft's inputs (``patches.DraftStepPatch``): the same
         as ``propose`` would do for it, without the preparation."""
         self._heap.step()
-        if self._cut is not None:
-            self._cut.begin_step((), None, None)
-        return self._skip(target_positions, cad)
+        self._settle(None)
+        contexts = self._lookup_contexts(cad.batch_size())
+        return self._lookup_only(target_positions, cad, contexts)
 
     def _skip(self, target_positions: torch.Tensor, cad) -> torch.Tensor:
         """No draft forward this step; remember where each request's draft
@@ -284,14 +341,18 @@ class PardProposer(DraftModelProposer):
     def _req_ids(self, n: int) -> list[str]:
         return self.runner.input_batch.req_ids[:n]
 
-    def _settle_cut(self, call: dict) -> None:
-        """Tell the cut what the target did with the drafts it sent last step:
-        each request's query holds 1 + its verified drafts; vLLM passes how
-        many of them were rejected."""
-        cad, rejected = call["common_attn_metadata"], call.get("num_rejected_tokens_gpu")
-        if rejected is None:
-            self._cut.begin_step((), None, None)
+    def _settle(self, call: dict | None) -> None:
+        """Tell the confidence cut and the lookup cut what the target did with
+        the drafts they sent last step: each request's query holds 1 + its
+        verified drafts; vLLM passes how many of them were rejected."""
+        if self._cut is None and self._lookup is None:
             return
-        starts = cad.query_start_loc_cpu.tolist()
-        verified = [b - a - 1 for a, b in zip(starts, starts[1:])]
-        self._cut.begin_step(self._req_ids(len(verified)), verified, rejected.tolist())
+        rejected = call.get("num_rejected_tokens_gpu") if call is not None else None
+        req_ids, verified = (), None
+        if rejected is not None:
+            starts = call["common_attn_metadata"].query_start_loc_cpu.tolist()
+            verified = [b - a - 1 for a, b in zip(starts, starts[1:])]
+            req_ids, rejected = self._req_ids(len(verified)), rejected.tolist()
+        for ledger in (self._cut, self._lookup_cut):
+            if ledger is not None:
+                ledger.begin_step(req_ids, verified, rejected)

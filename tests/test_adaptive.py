@@ -372,8 +372,9 @@ def test_skipped_draft_steps_catch_up(embedded, monkeypatch):
         pattern = itertools.cycle([0, 0, 0, 0, 8])
         monkeypatch.setattr(GoodputController, "choose", lambda self, b: next(pattern))
         monkeypatch.setattr(GoodputController, "__getitem__", lambda self, b: next(pattern))
+        # (no prompt lookup: its drafts at K = 0 would verify, and take steps off the shortcut)
         spec = {"method": "pard", "model": embedded["draft"], "num_speculative_tokens": 8,
-                "adaptive": "goodput", "idle_draft": idle}
+                "adaptive": "goodput", "idle_draft": idle, "prompt_lookup": False}
         shortcuts.clear()
         out, stats[idle] = _run(embedded["target"], spec, prompts)
         taken[idle] = len(shortcuts)
@@ -386,6 +387,59 @@ def test_skipped_draft_steps_catch_up(embedded, monkeypatch):
     rate = {k: accepted[k] / drafted[k] for k in stats}
     print("accepted per drafted token:", rate)  # shown with pytest -s
     assert rate["skip"] >= 0.9 * rate["forward"], rate
+
+
+@pytest.mark.slow
+def test_lookup_drafts_at_k0_without_a_draft_forward(embedded, monkeypatch):
+    """K pinned to 0 (the controller's "PARD does not pay here"): no draft
+    forward ever runs, yet requests whose text repeats send the prompt lookup's
+    continuation, cut where it stops paying (``LookupCut``). Output stays
+    plain; the looked-up drafts are counted by vLLM, reach the scheduler's
+    controller as the lookup's (``patches.DraftSourcePatch``), not PARD's, and
+    settle the drafter's lookup cut."""
+    from prompts import TEST_PROMPTS
+
+    from pard_vllm.prompt_lookup import LookupCut
+    from pard_vllm.proposer import PardProposer
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # scheduler and drafter in this process
+    prompts = TEST_PROMPTS[:8]
+    plain, _ = _run(embedded["target"], None, prompts)
+    forwards, made = [], {GoodputController: [], LookupCut: []}
+    first_pass = PardProposer.set_inputs_first_pass  # builds the draft forward's batch
+    monkeypatch.setattr(PardProposer, "set_inputs_first_pass",
+                        lambda self, *a, **kw: forwards.append(1) or first_pass(self, *a, **kw))
+    for cls, instances in made.items():
+        def init(self, *a, _original=cls.__init__, _instances=instances, **kw):
+            _original(self, *a, **kw)
+            _instances.append(self)
+
+        monkeypatch.setattr(cls, "__init__", init)
+    monkeypatch.setattr(GoodputController, "choose", lambda self, b: 0)
+    monkeypatch.setattr(GoodputController, "__getitem__", lambda self, b: 0)
+    spec = {"method": "pard", "model": embedded["draft"], "num_speculative_tokens": 8, "adaptive": "goodput"}
+    out, metrics = _run(embedded["target"], spec, prompts)
+    assert out == plain
+    assert not forwards, "a K = 0 step ran the draft forward"
+    drafts, accepted = metrics["vllm:spec_decode_num_drafts"], metrics["vllm:spec_decode_num_accepted_tokens"]
+    print(f"\nlooked-up drafts at K = 0: {drafts} drafts, {metrics['vllm:spec_decode_num_draft_tokens']} tokens, "
+          f"{accepted} accepted")
+    assert drafts > 0 and accepted > drafts / 2
+    controller, cut = made[GoodputController][-1], made[LookupCut][-1]
+    assert sum(controller.lookup_acceptance.offered) > 0 and sum(controller.acceptance.offered) == 0
+    assert sum(sum(t.offered) for t in cut.trackers) > 0
+
+    # K pinned to 2: PARD drafts 2 tokens, and the controller's K does not cap a
+    # continuation: some verified drafts are longer than 2 (vllm:pard_draft_length).
+    monkeypatch.setattr(GoodputController, "choose", lambda self, b: 2)
+    monkeypatch.setattr(GoodputController, "__getitem__", lambda self, b: 2)
+    out, metrics = _run(embedded["target"], spec, prompts)
+    assert out == plain and forwards
+    lengths = metrics["vllm:pard_draft_length"]
+    longer = lengths.count - lengths.buckets["2.0"]
+    print(f"K = 2: {longer} of {lengths.count} drafts longer than 2")
+    assert longer > 0
+    assert sum(made[GoodputController][-1].acceptance.offered) > 0  # PARD's own drafts: PARD's acceptance
 
 
 def test_a_gain_inside_the_margin_does_not_speculate():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pard_vllm.confidence_cut import ConfidenceCut
-from pard_vllm.prompt_lookup import PromptLookup, one_hot_rows, request_context, suffix_matches
+from pard_vllm.prompt_lookup import LookupCut, PromptLookup, one_hot_rows, request_context, suffix_matches
 from pard_vllm.training.offline_tau import replay, with_prompt_lookup
 
 
@@ -66,15 +66,20 @@ def test_request_context_appends_valid_sampled_tokens():
     assert request_context(row, 2, [-1]).tolist() == [4, 5]
 
 
-def test_apply_replaces_prefixes_in_place_and_one_hot_probabilities():
+def test_continuations_per_request_and_one_hot_probabilities():
     lookup = PromptLookup(max_n=4)
     contexts = [np.array([1, 2, 3, 1, 2], dtype=np.int32),   # "1 2" seen: 3 1 2 follow (trusted)
                 np.array([9, 8, 7], dtype=np.int32),          # nothing repeats
                 np.array([5, 6, 4, 5], dtype=np.int32)]       # "5" seen, then 6: PARD drew 6 too
     drafts = torch.tensor([[50, 51, 52, 53], [60, 61, 62, 63], [6, 71, 72, 73]])
-    looked, point_from = lookup.apply(drafts, contexts)
-    assert (looked, point_from) == ([3, 0, 3], [0, 0, 1])
-    assert drafts.tolist() == [[3, 1, 2, 53], [60, 61, 62, 63], [6, 4, 5, 73]]
+    matches = [lookup.match(c) for c in contexts]
+    assert [m.m for m in matches] == [2, 0, 1]
+    found, point_from = lookup.continuations(contexts, drafts[:, 0].tolist(), matches, width=4)
+    assert (found, point_from) == ([[3, 1, 2], [], [6, 4, 5]], [0, 1, 1])
+    assert lookup.continuations(contexts, [50, 60, 7], width=2)[0] == [[3, 1], [], []]  # PARD drew 7: no
+    for i, row in enumerate(found):
+        drafts[i, :len(row)] = torch.tensor(row)
+    looked = [len(row) for row in found]
     uniform = torch.full((70,), 1 / 70)
     probs = uniform.repeat(3, 4, 1)
     one_hot_rows(probs, drafts, looked, point_from)
@@ -85,6 +90,27 @@ def test_apply_replaces_prefixes_in_place_and_one_hot_probabilities():
     assert torch.equal(probs[2, 0], uniform)
     assert torch.equal(probs[2, 1:3].argmax(-1), torch.tensor([4, 5])) and probs[2, 1:3].max() == 1
     assert torch.equal(probs[2, 3], uniform)
+
+
+def test_lookup_cut_prices_each_match_length_by_what_the_target_accepted():
+    """The worked example of LookupCut: the prior sends 4 tokens at threshold
+    0.22; then 2-token matches that are always rejected at their second token
+    and 4+ token matches always accepted move the two buckets apart."""
+    cut = LookupCut(max_k=8)
+    assert cut.length(2, 8, 0.22) == 4 and cut.length(5, 3, 0.22) == 3 and cut.length(2, 8, 0.02) == 8
+    for step in range(200):
+        cut.begin_step(["a", "b"], [4, 4], [3, 0])  # last step: "a" accepted 1 of 4, "b" all 4
+        cut.sent("a", 2)
+        cut.sent("b", 6)
+    assert cut.length(2, 8, 0.22) == 1  # only the first token of a 2-token match pays
+    assert cut.length(6, 8, 0.22) >= 4 and cut.length(8, 8, 0.5) >= 4
+    assert cut.length(3, 8, 0.22) == 4  # an unmeasured bucket keeps the prior
+    # an entry from an older step is dropped, not matched with this step's outcome
+    cut.sent("c", 2)
+    cut.begin_step([], None, None)
+    before = sum(cut.bucket(2).offered)
+    cut.begin_step(["c"], [4], [4])
+    assert sum(cut.bucket(2).offered) == before  # nothing observed
 
 
 def test_cut_keeps_looked_up_rows_whole_and_out_of_its_calibration():
