@@ -14,7 +14,9 @@ every round yields a paired ratio. An engine waiting for its turn is an idle obj
 takes no CPU. Reported: tokens/s over all rounds, tau (``--subject``'s only:
 vLLM keeps one metrics registry per process, owned by the engine started last), speedup over ``ar``
 and ``--subject``'s speed relative to each method, each with a 95% bootstrap interval
-over rounds. Round 0 is a warm-up (lazy initialisation; the adaptive controller's
+over rounds. ``--continuous`` submits a round's block at once with ``--batch-size``
+requests running at a time (a server's continuous batching), instead of waves that each
+wait for their slowest request. Round 0 is a warm-up (lazy initialisation; the adaptive controller's
 start-up), not measured. At temperature 0 every output must equal ``ar``'s; the script
 exits non-zero if one does not.
 
@@ -55,6 +57,10 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--k", type=int, default=8, help="K of methods named without @K")
     ap.add_argument("--dataset", default="humaneval", choices=["humaneval", "gsm8k", "mtbench"])
+    ap.add_argument("--continuous", action="store_true",
+                    help="submit each round's block at once, --batch-size running at a time (continuous "
+                         "batching, as a server sees load); default: waves of --batch-size, each waiting "
+                         "for its slowest request (Spec-Bench's static batches)")
     ap.add_argument("--out", help="write rounds and summary as JSON here")
     args = ap.parse_args()
     methods = args.methods.split(",")
@@ -80,8 +86,8 @@ def main() -> None:
             row, outputs = {}, {}
             for m in round_order(methods, r):
                 before = counters(engines[m])
-                ids, secs, _ = run_cell(engines[m], wave, args.batch_size, args.temperature, args.max_tokens,
-                                        _NoBar())
+                ids, secs, _ = run_cell(engines[m], wave, len(wave) if args.continuous else args.batch_size,
+                                        args.temperature, args.max_tokens, _NoBar())
                 row[m] = {"tokens": sum(map(len, ids)), "seconds": secs}
                 if m == args.subject:
                     stats = spec_delta(before, counters(engines[m]))
@@ -108,7 +114,8 @@ def main() -> None:
                       "subject_vs": None if m == args.subject else paired_ratio(speeds[args.subject], speeds[m]),
                       "outputs_differing_from_ar": sum(row["_differing"][m] for row in rounds)
                       if args.temperature == 0 else None}
-    print(f"\n{args.dataset}, batch {args.batch_size}, T={args.temperature}, {args.rounds} rounds of {block} "
+    print(f"\n{args.dataset}, batch {args.batch_size}{' (continuous)' if args.continuous else ''}, "
+          f"T={args.temperature}, {args.rounds} rounds of {block} "
           f"prompts x {args.max_tokens} tokens, engines in changing order\n"
           f"{'method':22s} tok/s   tau   vs ar [95% CI]          {args.subject} / method [95% CI]")
     fmt = "{:.3f} [{:.3f}, {:.3f}]"

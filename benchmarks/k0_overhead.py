@@ -12,7 +12,9 @@ a constant in this process) and runs, on the same prompts and batches:
 * ``k0_forward``: PARD with K = 0 and ``"idle_draft": "forward"`` (the draft still
   runs over each step's new tokens, as vLLM's own dynamic speculation does);
 * ``k0_skip``: PARD with K = 0 and ``"idle_draft": "skip"`` (the default: no draft
-  forward; the draft catches up when drafting resumes);
+  forward; the draft catches up when drafting resumes); the prompt lookup's drafts
+  are still sent where they pay (``pard_vllm/prompt_lookup.py``), so its drafts are
+  printed; ``k0_nolookup``: the same without the lookup (a step that drafts nothing);
 * ``adaptive``: PARD with the controller left choosing K (not pinned), to see
   what its drafting steps and probes add to a cell where it ends up not drafting;
 * ``pard@K`` (or any spec_bench method at a fixed K: ``pard_nolookup@K``,
@@ -88,18 +90,25 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--methods", default="ar,k0_forward,k0_skip", help="ar, k0_forward, k0_skip, adaptive, pard@K")
+    ap.add_argument("--methods", default="ar,k0_forward,k0_skip",
+                    help="ar, k0_forward, k0_skip, k0_nolookup, adaptive, pard@K")
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="sampling temperature (spec_bench's seeds, so outputs still compare)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time each part of an engine step (step_timers.py) and print ms per step")
+    ap.add_argument("--continuous", action="store_true",
+                    help="submit all prompts at once, each batch size running at a time (continuous "
+                         "batching); default: waves of the batch size (Spec-Bench's static batches)")
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args()
     for m in args.methods.split(","):
-        if m not in ("ar", "k0_forward", "k0_skip", "adaptive") and not fixed_k_method(m):
-            ap.error(f"unknown method {m!r}: use ar, k0_forward, k0_skip, adaptive or a spec_bench method "
+        if m not in ("ar", "k0_forward", "k0_skip", "k0_nolookup", "adaptive") and not fixed_k_method(m):
+            ap.error(f"unknown method {m!r}: use ar, k0_forward, k0_skip, k0_nolookup, adaptive or a spec_bench method "
                      "at a fixed K (e.g. pard@4, pard_nolookup@4, ngram@4)")
+
+    if args.continuous and "," in args.batch_sizes:
+        ap.error("--continuous takes one batch size (the engine's max_num_seqs), e.g. --batch-sizes 16")
 
     from pard_vllm.prepare import prepare
 
@@ -117,18 +126,23 @@ def main() -> None:
         if fixed_k_method(method):
             spec = method_spec(method, paths["draft"], args.k)
         elif method != "ar":
+            idle = "forward" if method == "k0_forward" else "skip"
             spec = {"method": "pard", "model": paths["draft"], "num_speculative_tokens": args.k,
-                    "adaptive": "goodput", "idle_draft": "skip" if method == "adaptive" else method.removeprefix("k0_")}
+                    "adaptive": "goodput", "idle_draft": idle, "prompt_lookup": method != "k0_nolookup"}
         llm = make_engine(paths["target"], spec, engine_args)
         try:
             run_cell(llm, prompts[:max(batch_sizes)], max(batch_sizes), 0, 16, _NoBar())  # warm-up
             for b in batch_sizes:
                 step_timers.reset()
-                ids, secs, _ = run_cell(llm, prompts, b, args.temperature, args.max_tokens, _NoBar())
+                wave = len(prompts) if args.continuous else b  # (the engine runs max_num_seqs = b at a time)
+                ids, secs, spec = run_cell(llm, prompts, wave, args.temperature, args.max_tokens, _NoBar())
                 ntok = sum(len(x) for x in ids)
                 rows.append({"method": method, "batch_size": b, "tokens_per_s": ntok / secs,
-                             "output_tokens": ntok, "_ids": ids})
-                print(f"{method:12s} b={b:3d} {ntok / secs:7.1f} tok/s", flush=True)
+                             "output_tokens": ntok, "spec": spec, "_ids": ids})
+                # With K pinned to 0 any drafts are the prompt lookup's (pard_vllm/prompt_lookup.py).
+                drafted = (f", {spec['num_drafts']} drafts, {spec['num_draft_tokens']} draft tokens, "
+                           f"{spec['num_accepted_tokens']} accepted") if spec and spec.get("num_drafts") else ""
+                print(f"{method:12s} b={b:3d} {ntok / secs:7.1f} tok/s{drafted}", flush=True)
                 if args.breakdown:
                     rows[-1]["ms_per_step"] = step_timers.per_step_ms()
         finally:
