@@ -65,8 +65,10 @@ class RandomK:
         self.history[self._k] += 1
         return self._k
 
-    def observe_request(self, num_drafted: int, num_accepted: int, width: int | None = None) -> None:
-        self._outcomes.append((num_drafted, num_accepted))
+    def observe_request(self, num_drafted: int, num_accepted: int, width: int | None = None,
+                        looked_up: bool = False) -> None:
+        if not looked_up:  # PARD's drafts only, as the controller learns them (the prompt lookup's apart)
+            self._outcomes.append((num_drafted, num_accepted))
 
     def observe_step(self, batch_size: int, tokens: int, k: int, seconds: float,
                      verifying: bool | None = None, prefill: int = 0) -> None:
@@ -74,8 +76,8 @@ class RandomK:
                            "prefill": prefill, "outcomes": self._outcomes})
         self._outcomes = []
 
-    def cut_threshold(self, batch_size: int, k: int) -> float:
-        return 0.0
+    def cut_threshold(self, batch_size: int, k: int) -> None:
+        return None  # the drafter then treats K as fixed: the lookup's drafts capped at K, none at K = 0
 
     def summary(self) -> str:
         return f"random K in 0..{self.max_k}, {len(self.steps)} steps logged"
