@@ -213,7 +213,7 @@ class PardProposer(DraftModelProposer):
         k, cad = call["num_speculative_tokens"], call["common_attn_metadata"]
         contexts = self._lookup_contexts(cad.batch_size())
         if k == 0 and self.skip_idle_draft:
-            return self._lookup_only(call["target_positions"], cad, contexts)
+            return self._lookup_only(self._skip(call["target_positions"], cad), contexts)
         matches = [self._lookup.match(c) for c in contexts] if contexts is not None else None
         if matches is not None and k and self.skip_idle_draft:
             width = self._lookup_width(k, sampled=False)
@@ -224,7 +224,7 @@ class PardProposer(DraftModelProposer):
                 return self._send_lookups(found, matches)
         drafts = super().propose(*args, **kwargs)
         if drafts.shape[1] == 0:
-            return self._lookup_only(None, cad, contexts) if contexts is not None else drafts
+            return self._lookup_only(drafts, contexts)
         found = self._look_up(drafts, contexts, matches) if contexts is not None else None
         if self._confidence is None:
             if not found or not any(found):
@@ -302,14 +302,11 @@ class PardProposer(DraftModelProposer):
             one_hot_rows(probs, drafts, [len(row) for row in found], point_from)
         return found
 
-    def _lookup_only(self, target_positions, cad, contexts: list | None):
-        """A K = 0 step: no draft forward, but a request whose last 2+ tokens
-        occurred before still sends the continuation, as far as the lookup cut
-        says it pays (under the adaptive controller; a hand-written K = 0 means
-        no drafts). ``target_positions`` None: the draft forward already ran."""
-        empty = self._skip(target_positions, cad) if target_positions is not None else None
-        if empty is None:
-            empty = torch.empty(cad.batch_size(), 0, dtype=torch.int64, device=self.device)
+    def _lookup_only(self, empty: torch.Tensor, contexts: list | None):
+        """A K = 0 step (``empty``: its [batch, 0] drafts): a request whose last
+        2+ tokens occurred before still sends the continuation, as far as the
+        lookup cut says it pays (under the adaptive controller; a hand-written
+        K = 0 means no drafts)."""
         if contexts is None or self.cut_threshold is None:
             return empty
         matches = [self._lookup.match(c) for c in contexts]
@@ -317,7 +314,7 @@ class PardProposer(DraftModelProposer):
                                  matches)
         if not any(found):
             return empty
-        self._last_draft_probs = None  # point masses: vLLM's rejection sampler treats drafts without probabilities so
+        self._last_draft_probs = None  # no probabilities: vLLM verifies such drafts as point masses
         return self._send_lookups(found, matches)
 
     def idle_step(self, target_positions: torch.Tensor, cad) -> torch.Tensor:
@@ -327,7 +324,7 @@ class PardProposer(DraftModelProposer):
         self._heap.step()
         self._settle(None)
         contexts = self._lookup_contexts(cad.batch_size())
-        return self._lookup_only(target_positions, cad, contexts)
+        return self._lookup_only(self._skip(target_positions, cad), contexts)
 
     def _skip(self, target_positions: torch.Tensor, cad) -> torch.Tensor:
         """No draft forward this step; remember where each request's draft
