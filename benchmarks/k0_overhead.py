@@ -27,7 +27,10 @@ It prints tokens/s and the ratio to ``ar`` per batch size, measured in one run.
 This VM's speed drifts by 10-20% over minutes, so the methods run in turn
 ``--passes`` times and each cell reports its best pass (all passes are kept in
 the JSON). ``--breakdown`` also prints milliseconds per engine step split by
-vLLM function (``step_timers.py``), to show which part of a step differs.
+vLLM function (``step_timers.py``), to show which part of a step differs, and
+the steps by kind (prefill, plain decode, decode verifying N tokens) with
+their share of the time and cost per step: at batch 16 prompt prefill is a
+third of the time or more, which no speculative method shortens.
 Greedy unless ``--temperature``, fp32, eager, HumanEval prompts, the engine in
 this process (so the constant controller reaches the scheduler).
 """
@@ -145,6 +148,11 @@ def main() -> None:
                 print(f"{method:12s} b={b:3d} {ntok / secs:7.1f} tok/s{drafted}", flush=True)
                 if args.breakdown:
                     rows[-1]["ms_per_step"] = step_timers.per_step_ms()
+                    rows[-1]["step_kinds"] = step_timers.by_step_kind()
+                    for kind, v in rows[-1]["step_kinds"].items():
+                        print(f"    {kind:14s} {v['steps']:4d} steps, {100 * v['time_share']:5.1f}% of the time, "
+                              f"{v['decode_tokens']:5.1f} decode tokens, {v['step_ms']:7.1f} ms a step "
+                              f"(forward {v['forward_ms']:7.1f})", flush=True)
         finally:
             free_engine(llm)
 

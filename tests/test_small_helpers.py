@@ -135,3 +135,30 @@ def test_step_timers_wrap_once_after_our_patches_and_split_a_step(monkeypatch):
     assert ms["output_processing"] == pytest.approx(10.0)
     assert ms["runner_outside_forward"] == pytest.approx(10.0)
     step_timers.reset()
+
+
+def test_step_timers_split_steps_by_kind():
+    from types import SimpleNamespace
+
+    import step_timers
+
+    def scheduled(tokens_per_req: dict, drafts: dict):
+        return SimpleNamespace(num_scheduled_tokens=tokens_per_req, total_num_scheduled_tokens=sum(tokens_per_req.values()),
+                               scheduled_spec_decode_tokens=drafts)
+
+    step_timers.reset()
+    # a plain decode step, a step verifying 3 drafts, a step prefilling a 100-token prompt beside a decode
+    for out, ms, forward in [(scheduled({"a": 1, "b": 1}, {}), 40.0, 30.0),
+                             (scheduled({"a": 4, "b": 1}, {"a": [7, 8, 9]}), 50.0, 36.0),
+                             (scheduled({"a": 1, "c": 100}, {}), 110.0, 100.0)]:
+        step_timers._scheduled[0] = out
+        step_timers._forward_at_step_start[0] = step_timers.seconds["target_forward"]
+        step_timers.seconds["target_forward"] += forward / 1000
+        step_timers._log_step(ms / 1000)
+    assert step_timers.steps_log[1][:3] == (5, 3, 0) and step_timers.steps_log[2][:3] == (2, 0, 99)
+    kinds = step_timers.by_step_kind()
+    assert list(kinds) == ["plain", "verify 4-7", "prefill"]
+    assert kinds["verify 4-7"]["decode_tokens"] == 5 and kinds["verify 4-7"]["forward_ms"] == pytest.approx(36.0)
+    assert kinds["prefill"]["time_share"] == pytest.approx(0.55)
+    step_timers.reset()
+    assert step_timers.steps_log == []
