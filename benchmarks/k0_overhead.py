@@ -29,8 +29,8 @@ This VM's speed drifts by 10-20% over minutes, so the methods run in turn
 the JSON). ``--breakdown`` also prints milliseconds per engine step split by
 vLLM function (``step_timers.py``), to show which part of a step differs, and
 the steps by kind (prefill, plain decode, decode verifying N tokens) with
-their share of the time and cost per step: at batch 16 prompt prefill is a
-third of the time or more, which no speculative method shortens.
+their share of the time and cost per step: at batch 16 prompt prefill is
+about half of plain decoding's time here, which no speculative method shortens.
 Greedy unless ``--temperature``, fp32, eager, HumanEval prompts, the engine in
 this process (so the constant controller reaches the scheduler).
 """

@@ -102,11 +102,12 @@ def by_step_kind() -> dict[str, dict[str, float]]:
     run's step time, mean decode tokens and mean ms of a step and of its forward.
 
     Why: two engines' totals can differ for reasons that are not the cost of
-    a verified token. At batch 16 here a third of the steps' time or more is
+    a verified token. At batch 16 here about half of plain decoding's time is
     prompt prefill (HumanEval's ~170-token prompts against 64 generated
-    tokens), and a faster engine admits prompts in smaller, more frequent
-    chunks; read per kind, a decode step's cost against its tokens is the
-    straight line the adaptive controller fits."""
+    tokens), and an engine whose requests finish apart admits prompts in
+    smaller, more frequent chunks; read per kind, a decode step's cost against
+    its tokens is close to the line the adaptive controller fits (slightly
+    concave: the first extra tokens cost the most)."""
     total = sum(r[3] for r in steps_log) or 1.0
     kinds: dict[str, list] = {}
     for decode, drafts, prompt, step_ms, forward_ms in steps_log:
