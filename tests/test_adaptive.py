@@ -367,6 +367,10 @@ def test_skipped_draft_steps_catch_up(embedded, monkeypatch):
     shortcuts = []
     idle_step = PardProposer.idle_step
     monkeypatch.setattr(PardProposer, "idle_step", lambda self, *a: shortcuts.append(1) or idle_step(self, *a))
+    thresholds = []  # with neither the lookup nor the "auto" cut on, nothing reads the cut threshold
+    cut_threshold = GoodputController.cut_threshold
+    monkeypatch.setattr(GoodputController, "cut_threshold",
+                        lambda self, *a: thresholds.append(1) or cut_threshold(self, *a))
     stats, taken = {}, {}
     for idle in ("forward", "skip"):
         pattern = itertools.cycle([0, 0, 0, 0, 8])
@@ -381,6 +385,7 @@ def test_skipped_draft_steps_catch_up(embedded, monkeypatch):
         assert out == plain, idle
     # of every five steps: one drafts, the next verifies with K = 0, three skip before any preparation
     assert taken["forward"] == 0 and taken["skip"] >= 20, taken
+    assert not thresholds, "the scheduler computed a cut threshold nobody reads (patches.AdaptiveKPatch)"
     accepted = {k: v["vllm:spec_decode_num_accepted_tokens"] for k, v in stats.items()}
     drafted = {k: v["vllm:spec_decode_num_draft_tokens"] for k, v in stats.items()}
     assert drafted["skip"] > 0 and accepted["forward"] > 0
